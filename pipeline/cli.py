@@ -1,0 +1,122 @@
+"""Command line: one subcommand per stage, ``python -m pipeline <stage> -c CFG [key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="experiment YAML (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write scikit-learn's digits into data/digits/ in Kaggle layout")
+    p.add_argument("--root", default="data/digits")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("folds", help="assign train rows to folds: folds/<exp>.csv")
+    _common(p)
+
+    p = sub.add_parser("train", help="train every backbone on every fold (or one of each)")
+    _common(p)
+    p.add_argument("--backbone", help="only this backbone (name from the config)")
+    p.add_argument("--fold", type=int, help="only this fold")
+    p.add_argument("--jobs", type=int, default=1, help="folds in parallel processes (one per GPU)")
+
+    p = sub.add_parser("lr-find", help="LR range test for the frozen and unfrozen phases")
+    _common(p)
+    p.add_argument("--backbone")
+
+    p = sub.add_parser("tune", help="Optuna learning-rate search per backbone")
+    _common(p)
+    p.add_argument("--backbone")
+    p.add_argument("--workers", type=int, default=1, help="worker processes sharing one study")
+
+    p = sub.add_parser("ensemble", help="ensemble the backbones' OOF predictions, write submissions")
+    _common(p)
+
+    p = sub.add_parser("leaderboard", help="compare every model and ensemble on the metric")
+    _common(p)
+
+    p = sub.add_parser("submit", help="validate a submission and send it with the official kaggle CLI")
+    _common(p)
+    p.add_argument("--file", required=True)
+    p.add_argument("-m", "--message", required=True)
+
+    p = sub.add_parser("lb-sync", help="read public leaderboard scores of past submissions")
+    _common(p)
+
+    p = sub.add_parser("score", help="score a submission against a solution file (e.g. the demo's)")
+    _common(p)
+    p.add_argument("--file", required=True)
+    p.add_argument("--solution", required=True)
+
+    p = sub.add_parser("bench", help="throughput and memory benchmarks, printed as ratios")
+    _common(p)
+    p.add_argument("--quick", action="store_true", help="smaller sizes (for a smoke run)")
+    p.add_argument("--output", default="BENCHMARKS.md")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    if args.command == "demo-data":
+        from pipeline.demo_data import run_demo_data
+        return run_demo_data(args.root, force=args.force)
+
+    from pipeline.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "folds":
+        from pipeline.folds import run_folds
+        return run_folds(cfg, force=args.force)
+    if args.command == "train":
+        from pipeline.train import run_train
+        return run_train(cfg, backbone=args.backbone, fold=args.fold, jobs=args.jobs, force=args.force)
+    if args.command == "lr-find":
+        from pipeline.lr_find import run_lr_find
+        return run_lr_find(cfg, backbone=args.backbone, force=args.force)
+    if args.command == "tune":
+        from pipeline.tune import run_tune
+        return run_tune(cfg, backbone=args.backbone, workers=args.workers, force=args.force)
+    if args.command == "ensemble":
+        from pipeline.ensemble import run_ensemble
+        return run_ensemble(cfg, force=args.force)
+    if args.command == "leaderboard":
+        from pipeline.leaderboard import run_leaderboard
+        return run_leaderboard(cfg)
+    if args.command == "submit":
+        from pipeline.submit import run_submit
+        return run_submit(cfg, args.file, args.message)
+    if args.command == "lb-sync":
+        from pipeline.submit import run_lb_sync
+        return run_lb_sync(cfg)
+    if args.command == "score":
+        from pipeline.submit import run_score
+        return run_score(cfg, args.file, args.solution)
+    if args.command == "bench":
+        from pipeline.bench import run_bench
+        return run_bench(cfg, quick=args.quick, output=args.output)
+    raise PipelineError(f"unknown command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished folds, epochs and trials are kept; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0

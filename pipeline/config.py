@@ -1,0 +1,403 @@
+"""Experiment config: one YAML file per experiment, validated into frozen dataclasses.
+
+Every section is a dataclass; unknown keys, wrong types and out-of-range values raise a
+:class:`PipelineError` that names the key and lists the valid ones. ``key.sub=value``
+words on the command line override the file (values are parsed as YAML, so
+``train.unfrozen.lr=3e-4`` is a float and ``augment.tta=[identity,hflip]`` a list).
+
+Example
+-------
+>>> cfg = load_config("configs/demo.yaml", ["train.unfrozen.epochs=1"])  # doctest: +SKIP
+>>> cfg.train.unfrozen.epochs  # doctest: +SKIP
+1
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+TASKS = ("binary", "multiclass", "multilabel", "regression")
+FOLD_STRATEGIES = ("kfold", "stratified", "group", "stratified_group", "multilabel_stratified", "stratified_regression")
+WEIGHTS_KINDS = ("hub", "bundled", "none")  # or a local file path
+ENSEMBLE_METHODS = ("mean", "weighted", "rank", "hill_climb", "stacking")
+PRUNERS = ("median", "hyperband", "wilcoxon", "none")
+SAMPLERS = ("tpe", "random")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise PipelineError(f"config key '{key}': {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data"
+    task: str = "multiclass"
+    train_csv: Optional[str] = "train.csv"  # null: read class sub-folders of train_dir
+    train_dir: str = "train"
+    test_dir: str = "test"
+    sample_submission: str = "sample_submission.csv"
+    id_column: str = "id"
+    target_columns: list[str] = field(default_factory=lambda: ["label"])
+    group_column: Optional[str] = None
+    image_extension: Optional[str] = None  # appended to ids that carry none; null: detect
+    label_separator: str = " "  # multilabel labels in one column
+    classes: Optional[list[str]] = None  # fixed class order; null: sorted unique values
+
+    def validate(self, key: str) -> None:
+        _check(self.task in TASKS, f"{key}.task", f"'{self.task}' is not a task; valid: {', '.join(TASKS)}")
+        _check(len(self.target_columns) >= 1, f"{key}.target_columns", "name at least one target column")
+
+
+@dataclass(frozen=True)
+class FoldsConfig:
+    n_splits: int = 5
+    strategy: str = "stratified"
+    seed: int = 42
+    n_bins: int = 10  # stratified_regression: quantile bins of the target
+
+    def validate(self, key: str) -> None:
+        _check(self.n_splits >= 2, f"{key}.n_splits", f"must be at least 2, got {self.n_splits}")
+        _check(self.strategy in FOLD_STRATEGIES, f"{key}.strategy",
+               f"'{self.strategy}' is not a strategy; valid: {', '.join(FOLD_STRATEGIES)}")
+        _check(self.n_bins >= 2, f"{key}.n_bins", "must be at least 2")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "efficientnet_lite0"
+    weights: str = "bundled"  # hub | bundled | none | path to .safetensors/.pth/.bin
+    image_size: Optional[int] = None  # null: the model's pretrained input size
+    batch_size: Optional[int] = None  # null: train.batch_size
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace("/", "_")
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.name), f"{key}.name", "give a timm model name")
+        _check(self.image_size is None or self.image_size >= 8, f"{key}.image_size", "must be at least 8")
+        _check(self.batch_size is None or self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
+        _check(0.0 <= self.drop_rate < 1.0, f"{key}.drop_rate", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    epochs: int = 1
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1  # unfrozen phase: backbone LR = head LR x this
+    layer_decay: Optional[float] = None  # unfrozen phase: timm layer-wise decay instead of the mult
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.01
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 0, f"{key}.epochs", f"must be >= 0, got {self.epochs}")
+        _check(0 < self.lr < 10, f"{key}.lr", f"must be in (0, 10), got {self.lr}")
+        _check(0 < self.backbone_lr_mult <= 10, f"{key}.backbone_lr_mult", "must be in (0, 10]")
+        _check(self.layer_decay is None or 0 < self.layer_decay <= 1, f"{key}.layer_decay", "must be in (0, 1]")
+        _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    frozen: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=1, lr=3e-3))
+    unfrozen: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=3, lr=1e-3, warmup_epochs=0.5))
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    loss: str = "auto"  # auto | ce | bce | mse | huber
+    label_smoothing: float = 0.0
+    grad_accum: int = 1
+    grad_clip: Optional[float] = None
+    ema: bool = False
+    ema_decay: float = 0.998
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    early_stopping_patience: Optional[int] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    num_workers: Optional[int] = None  # null: sized to the machine
+    cache_images: bool = False  # decoded, resized images in memory
+    cache_features: bool = True  # frozen phase on cached pooled features when possible
+    linear_probe: bool = False  # fit the head to convergence on cached features (LP-FT)
+    use_tuned: str = "auto"  # auto (use tune/best.json when present) | true | false
+    seed: int = 42
+    deterministic: bool = False
+    log_every: int = 0
+
+    def validate(self, key: str) -> None:
+        self.frozen.validate(f"{key}.frozen")
+        self.unfrozen.validate(f"{key}.unfrozen")
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
+        _check(self.loss in ("auto", "ce", "bce", "mse", "huber"), f"{key}.loss",
+               f"'{self.loss}' is not a loss; valid: auto, ce, bce, mse, huber")
+        _check(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)")
+        _check(self.grad_accum >= 1, f"{key}.grad_accum", "must be at least 1")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null")
+        _check(0 < self.ema_decay < 1, f"{key}.ema_decay", "must be in (0, 1)")
+        _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, f"{key}.mixup_alpha",
+               "mixup_alpha and cutmix_alpha must be >= 0")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               f"{key}.early_stopping_patience", "must be >= 1 or null")
+        _check(self.use_tuned in ("auto", "true", "false"), f"{key}.use_tuned", "valid: auto, true, false")
+        _check(self.num_workers is None or self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    # albumentations transform names with their arguments, applied to train images only
+    train: list[dict] = field(default_factory=lambda: [{"name": "HorizontalFlip", "p": 0.5}])
+    frozen_phase: bool = False  # augment during the frozen phase too (disables the feature cache)
+    tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
+
+    def validate(self, key: str) -> None:
+        from pipeline.augment import TTA_VIEWS  # local import: augment imports albumentations
+        for i, spec in enumerate(self.train):
+            _check(isinstance(spec, dict) and "name" in spec, f"{key}.train[{i}]",
+                   "each transform is a mapping with a 'name' (an albumentations class) and its arguments")
+        _check(len(self.tta) >= 1, f"{key}.tta", "list at least one view (identity)")
+        for view in self.tta:
+            _check(view in TTA_VIEWS, f"{key}.tta", f"'{view}' is not a TTA view; valid: {', '.join(TTA_VIEWS)}")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    trials: int = 8
+    folds: list[int] = field(default_factory=lambda: [0])
+    frozen_epochs: Optional[int] = None  # null: train.frozen.epochs
+    unfrozen_epochs: Optional[int] = None  # null: train.unfrozen.epochs
+    frozen_lr: list[float] = field(default_factory=lambda: [1e-4, 3e-2])
+    unfrozen_lr: list[float] = field(default_factory=lambda: [1e-5, 3e-3])
+    backbone_lr_mult: list[float] = field(default_factory=lambda: [0.01, 1.0])
+    weight_decay: Optional[list[float]] = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    storage: Optional[str] = None  # null: sqlite file under runs/<exp>/<backbone>/tune/
+    seed: int = 42
+    timeout: Optional[float] = None
+
+    def validate(self, key: str) -> None:
+        _check(self.trials >= 1, f"{key}.trials", f"must be at least 1, got {self.trials}")
+        _check(len(self.folds) >= 1, f"{key}.folds", "list at least one fold")
+        for name in ("frozen_lr", "unfrozen_lr", "backbone_lr_mult", "weight_decay"):
+            bounds = getattr(self, name)
+            if bounds is None:
+                continue
+            _check(len(bounds) == 2, f"{key}.{name}", "give [low, high]")
+            _check(0 < bounds[0] < bounds[1], f"{key}.{name}",
+                   f"bounds must satisfy 0 < low < high (log-uniform), got {bounds}")
+        _check(self.sampler in SAMPLERS, f"{key}.sampler", f"'{self.sampler}' is not a sampler; valid: {', '.join(SAMPLERS)}")
+        _check(self.pruner in PRUNERS, f"{key}.pruner", f"'{self.pruner}' is not a pruner; valid: {', '.join(PRUNERS)}")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    methods: list[str] = field(default_factory=lambda: ["mean", "weighted", "hill_climb"])
+    hill_climb_max_iter: int = 50
+    stacking_model: str = "auto"  # auto: logistic / ridge regression
+
+    def validate(self, key: str) -> None:
+        for m in self.methods:
+            _check(m in ENSEMBLE_METHODS, f"{key}.methods", f"'{m}' is not a method; valid: {', '.join(ENSEMBLE_METHODS)}")
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    competition: Optional[str] = None  # Kaggle slug for `make submit`
+    format: str = "auto"  # auto | labels | probabilities
+    per_backbone: bool = True
+    float_format: str = "%.6f"
+
+    def validate(self, key: str) -> None:
+        _check(self.format in ("auto", "labels", "probabilities"), f"{key}.format",
+               "valid: auto, labels, probabilities")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    metric: str = "accuracy"
+    backbones: list[BackboneConfig] = field(default_factory=lambda: [BackboneConfig()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    runs_dir: str = "runs"
+    folds_dir: str = "folds"
+    submissions_dir: str = "submissions"
+
+    def validate(self) -> None:
+        from pipeline.metrics import METRICS  # local import keeps config import-light
+        _check(bool(self.name) and "/" not in self.name, "name", "give a plain experiment name (used in file names)")
+        self.data.validate("data")
+        self.folds.validate("folds")
+        _check(self.metric in METRICS, "metric", f"'{self.metric}' is not a metric; valid: {', '.join(sorted(METRICS))}")
+        _check(len(self.backbones) >= 1, "backbones", "list at least one backbone")
+        slugs = [b.slug for b in self.backbones]
+        _check(len(set(slugs)) == len(slugs), "backbones", f"backbone names must be unique, got {slugs}")
+        for i, b in enumerate(self.backbones):
+            b.validate(f"backbones[{i}]")
+        self.train.validate("train")
+        self.augment.validate("augment")
+        self.tune.validate("tune")
+        self.ensemble.validate("ensemble")
+        self.submission.validate("submission")
+
+    def backbone(self, name: str) -> BackboneConfig:
+        for b in self.backbones:
+            if name in (b.name, b.slug):
+                return b
+        raise PipelineError(f"backbone '{name}' is not in config key 'backbones'; "
+                            f"valid: {', '.join(b.name for b in self.backbones)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        _check(optional, key, "may not be null")
+        return None
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # a single item where a list is expected
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, key: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise PipelineError(f"unknown config key '{where}'; valid keys{' in ' + key if key else ''}: "
+                            f"{', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], f"{key}.{name}" if key else name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise PipelineError(f"config section '{key or 'top level'}': {exc}") from None
+
+
+def apply_override(raw: dict, word: str) -> None:
+    """Apply one ``key.sub=value`` word to a raw config mapping, in place."""
+    if "=" not in word:
+        raise PipelineError(f"override '{word}' is not of the form key.sub=value (e.g. train.unfrozen.lr=3e-4)")
+    dotted, text = word.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"override '{word}': the value is not valid YAML ({exc})") from None
+    parts = dotted.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _descend(node, part, ".".join(parts[: i + 1]))
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, dotted)] = value
+    else:
+        node[last] = value
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise PipelineError(f"override key '{key}': '{part}' is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _descend(node: Any, part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise PipelineError(f"override key '{key}': its parent is not a section")
+    child = node.get(part)
+    if child is None:
+        child = node[part] = {}
+    return child
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy through YAML types
+    for word in overrides:
+        apply_override(raw, word)
+    cfg = _build(Config, raw)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    """Read, override and validate an experiment config."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"config file {path} does not exist; see configs/ for examples (configs/demo.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"config file {path} must be a mapping of sections (name, data, folds, ...)")
+    raw.setdefault("name", path.stem)
+    try:
+        return config_from_dict(raw, overrides)
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,252 @@
+"""Reading competition data: the train table, the test table, images, and the folds file.
+
+Two train layouts are read into the same table:
+
+* CSV + image folder: ``data.train_csv`` holds ``data.id_column`` and the target column(s);
+  images live in ``data.train_dir`` named by id, with or without the file extension;
+* class sub-folders: ``data.train_csv: null`` and ``data.train_dir/<class>/<image>``; the id is
+  ``<class>/<file stem>`` and the target column is ``data.target_columns[0]``.
+
+The test set is the sample submission's ids with images in ``data.test_dir``. Every table
+carries a ``_path`` column with the resolved image file; it is never written to the folds file.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError, first_few
+from pipeline.paths import Paths
+from pipeline.tasks import TaskSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PATH = "_path"
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def read_csv(path: Path, what: str, dtype=str) -> pd.DataFrame:
+    if not path.exists():
+        raise PipelineError(f"{what} {path} does not exist; check data.root and the file name in the config")
+    try:
+        return pd.read_csv(path, dtype=dtype)
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise PipelineError(f"{what} {path} could not be read as CSV: {exc}") from None
+
+
+def require_columns(frame: pd.DataFrame, columns, source: Path | str, key: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{source} has no column {first_few(missing)} (config key {key}); "
+                            f"its columns are: {first_few(list(frame.columns), 20)}")
+
+
+def _check_ids(frame: pd.DataFrame, id_column: str, source) -> None:
+    ids = frame[id_column]
+    if ids.isna().any():
+        rows = list(frame.index[ids.isna()] + 2)  # +2: header line and 1-based rows
+        raise PipelineError(f"{source}: empty id in column '{id_column}' at lines {first_few(rows)}")
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        raise PipelineError(f"{source}: duplicate ids in column '{id_column}': {first_few(dup.unique())} "
+                            f"({dup.nunique()} ids repeated); each image must appear once")
+
+
+def _image_index(directory: Path) -> dict[str, str]:
+    """Map both file names and stems of the images in ``directory`` to their names."""
+    index: dict[str, str] = {}
+    if not directory.is_dir():
+        return index
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            name = entry.name
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                index[name] = name
+                index.setdefault(stem, name)
+    return index
+
+
+def resolve_image_paths(ids: pd.Series, directory: Path, extension: str | None, source) -> pd.Series:
+    """Image file for each id (ids with or without extension); error listing missing ones."""
+    if not directory.is_dir():
+        raise PipelineError(f"image folder {directory} does not exist (for {source}); "
+                            f"check data.root, data.train_dir and data.test_dir")
+    index = _image_index(directory)
+    paths, missing = [], []
+    for image_id in ids.astype(str):
+        name = index.get(image_id)
+        if name is None and extension:
+            candidate = image_id + (extension if extension.startswith(".") else "." + extension)
+            name = candidate if (directory / candidate).exists() else None
+        if name is None and (directory / image_id).is_file():  # ids with sub-paths
+            name = image_id
+        if name is None:
+            missing.append(image_id)
+        paths.append(str(directory / name) if name else None)
+    if missing:
+        raise PipelineError(f"{len(missing)} ids in {source} have no image in {directory}: {first_few(missing)}; "
+                            f"add the images or remove those rows (data.image_extension if ids lack one)")
+    return pd.Series(paths, index=ids.index)
+
+
+def _unreadable(path: str) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return False
+    except Exception:
+        return True
+
+
+def check_images_readable(frame: pd.DataFrame, id_column: str, source) -> None:
+    """Open every image header (threads: this is I/O bound); error listing unreadable ones."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        bad = list(pool.map(_unreadable, frame[PATH]))
+    bad_ids = frame.loc[np.asarray(bad, bool), id_column].tolist()
+    if bad_ids:
+        raise PipelineError(f"{len(bad_ids)} images for {source} cannot be read as images: {first_few(bad_ids)}; "
+                            f"replace or remove them")
+
+
+def _read_class_folders(cfg: Config, paths: Paths) -> pd.DataFrame:
+    root = paths.train_dir
+    if not root.is_dir():
+        raise PipelineError(f"train folder {root} does not exist; set data.root/data.train_dir, "
+                            f"or data.train_csv for the CSV layout")
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for image in sorted(class_dir.iterdir()):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append((f"{class_dir.name}/{image.stem}", class_dir.name, str(image)))
+    if not rows:
+        raise PipelineError(f"train folder {root} has no class sub-folders with images "
+                            f"({', '.join(IMAGE_SUFFIXES)}); for a CSV layout set data.train_csv")
+    return pd.DataFrame(rows, columns=[cfg.data.id_column, cfg.data.target_columns[0], PATH])
+
+
+def read_train_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
+    """The validated train table: id, target column(s), optional group column, ``_path``."""
+    paths, d = Paths(cfg), cfg.data
+    if d.train_csv is None:
+        table = _read_class_folders(cfg, paths)
+        source = paths.train_dir
+    else:
+        source = paths.train_csv
+        table = read_csv(source, "train table")
+        require_columns(table, [d.id_column], source, "data.id_column")
+        require_columns(table, d.target_columns, source, "data.target_columns")
+        if d.group_column:
+            require_columns(table, [d.group_column], source, "data.group_column")
+        table[PATH] = None
+    _check_ids(table, d.id_column, source)
+    _check_targets(table, cfg, source)
+    if d.train_csv is not None:
+        table[PATH] = resolve_image_paths(table[d.id_column], paths.train_dir, d.image_extension, source)
+    if check_readable:
+        check_images_readable(table, d.id_column, source)
+    return table.reset_index(drop=True)
+
+
+def _check_targets(table: pd.DataFrame, cfg: Config, source) -> None:
+    d = cfg.data
+    multilabel_text = d.task == "multilabel" and len(d.target_columns) == 1
+    for col in d.target_columns:
+        if multilabel_text:  # an empty cell means "no labels"
+            continue
+        nan = table[col].isna()
+        if nan.any():
+            rows = table.loc[nan, d.id_column].tolist()
+            raise PipelineError(f"{source}: target column '{col}' is empty/NaN for {nan.sum()} rows, ids "
+                                f"{first_few(rows)}; fill or drop those rows")
+    if d.group_column:
+        nan = table[d.group_column].isna()
+        if nan.any():
+            raise PipelineError(f"{source}: group column '{d.group_column}' is empty for ids "
+                                f"{first_few(table.loc[nan, d.id_column])}")
+
+
+def read_test_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
+    """The sample submission's ids, in its order, with their test image paths."""
+    paths, d = Paths(cfg), cfg.data
+    source = paths.sample_submission
+    sample = read_csv(source, "sample submission")
+    require_columns(sample, [d.id_column], source, "data.id_column")
+    _check_ids(sample, d.id_column, source)
+    table = sample[[d.id_column]].copy()
+    table[PATH] = resolve_image_paths(table[d.id_column], paths.test_dir, d.image_extension, source)
+    if check_readable:
+        check_images_readable(table, d.id_column, source)
+    return table
+
+
+def task_spec(cfg: Config, table: pd.DataFrame) -> TaskSpec:
+    d = cfg.data
+    return TaskSpec.from_table(table, d.task, d.target_columns, d.classes, d.label_separator)
+
+
+# ---------------------------------------------------------------------------- folds file
+
+
+def read_folds(cfg: Config) -> pd.DataFrame:
+    """The folds file joined with image paths; checks its contract against the train table."""
+    paths, d = Paths(cfg), cfg.data
+    source = paths.folds_csv
+    if not source.exists():
+        raise PipelineError(f"folds file {source} does not exist; run `make folds CONFIG=...` first")
+    folds = read_csv(source, "folds file")
+    require_columns(folds, [d.id_column, *d.target_columns, "fold"], source, "folds file contract")
+    train = read_train_table(cfg, check_readable=False)
+    if len(folds) != len(train) or set(folds[d.id_column]) != set(train[d.id_column]):
+        raise PipelineError(f"{source} does not match the train table ({len(folds)} vs {len(train)} rows); "
+                            f"the data changed: run `make folds` again")
+    folds["fold"] = folds["fold"].astype(int)
+    return folds.merge(train[[d.id_column, PATH]], on=d.id_column, how="left", validate="one_to_one")
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def load_image(path: str) -> np.ndarray:
+    """An RGB uint8 HxWx3 array; a clear error for an unreadable file."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:  # cv2 cannot read it (e.g. some GIF/WebP variants): try Pillow
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except Exception:
+            raise PipelineError(f"image {path} cannot be read; replace or remove it and its row") from None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images with optional targets, through an albumentations transform.
+
+    ``cache`` (a :class:`pipeline.augment.ImageCache` or None) serves decoded, pre-resized
+    images from memory instead of reading files.
+    """
+
+    def __init__(self, paths, targets=None, transform=None, cache=None):
+        self.paths = list(paths)
+        self.targets = None if targets is None else np.asarray(targets)
+        self.transform = transform
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = self.cache[i] if self.cache is not None else load_image(self.paths[i])
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        target = self.targets[i] if self.targets is not None else np.float32(0)
+        return image, target

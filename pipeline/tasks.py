@@ -1,0 +1,147 @@
+"""Task types: how targets are encoded, which prediction columns exist, and the activation.
+
+This module owns target encoding. Every later stage gets its targets and class names from a
+:class:`TaskSpec`, built once from the train table (or the folds file), so no stage
+re-implements reading labels.
+
+Example
+-------
+>>> import pandas as pd
+>>> spec = TaskSpec.from_table(pd.DataFrame({"id": ["a", "b"], "label": ["cat", "dog"]}),
+...                            task="multiclass", target_columns=["label"])
+>>> spec.pred_columns
+['pred_cat', 'pred_dog']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError, first_few
+
+
+def _sort_labels(values) -> list[str]:
+    values = sorted({str(v) for v in values})
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return values
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    target_columns: tuple[str, ...]
+    classes: tuple[str, ...] = ()  # multiclass/binary classes, multilabel labels
+    label_separator: str = " "
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, task: str, target_columns: list[str],
+                   classes: Optional[list[str]] = None, label_separator: str = " ") -> "TaskSpec":
+        cols = tuple(target_columns)
+        if task == "regression":
+            if len(cols) != 1:
+                raise PipelineError(f"regression takes one target column (data.target_columns), got {list(cols)}")
+            return cls(task, cols)
+        if task == "multilabel" and len(cols) > 1:  # one 0/1 column per label
+            return cls(task, cols, tuple(classes or cols), label_separator)
+        if len(cols) != 1:
+            raise PipelineError(f"{task} takes one target column (data.target_columns), got {list(cols)}")
+        column = table[cols[0]].dropna()
+        if task == "multilabel":
+            found = _sort_labels(lab for text in column for lab in str(text).split(label_separator) if lab)
+        else:
+            found = _sort_labels(column)
+        if classes:
+            unknown = sorted(set(found) - {str(c) for c in classes})
+            if unknown:
+                raise PipelineError(f"column '{cols[0]}' holds values not in data.classes: {first_few(unknown)}; "
+                                    f"add them to data.classes or fix the table")
+            found = [str(c) for c in classes]
+        if task == "binary" and len(found) != 2:
+            raise PipelineError(f"binary task needs exactly 2 distinct values in column '{cols[0]}', "
+                                f"found {len(found)}: {first_few(found)}; use task: multiclass for more")
+        if task == "multiclass" and len(found) < 2:
+            raise PipelineError(f"multiclass task needs at least 2 classes in column '{cols[0]}', found {found}")
+        return cls(task, cols, tuple(found), label_separator)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def num_outputs(self) -> int:
+        if self.task in ("binary", "regression"):
+            return 1
+        return len(self.classes)
+
+    @property
+    def pred_columns(self) -> list[str]:
+        if self.task in ("binary", "regression"):
+            return ["pred"]
+        return [f"pred_{c}" for c in self.classes]
+
+    # ------------------------------------------------------------------ targets
+    def encode(self, table: pd.DataFrame) -> np.ndarray:
+        """Encoded targets: int class index (multiclass), float 0/1 (binary), 0/1 matrix
+        (multilabel), float (regression)."""
+        if self.task == "regression":
+            values = pd.to_numeric(table[self.target_columns[0]], errors="coerce")
+            bad = table.loc[values.isna()].index
+            if len(bad):
+                raise PipelineError(f"regression target '{self.target_columns[0]}' is not numeric in rows "
+                                    f"{first_few(bad)}")
+            return values.to_numpy(np.float32)
+        if self.task == "multilabel" and len(self.target_columns) > 1:
+            return table[list(self.target_columns)].astype(float).to_numpy(np.float32)
+        column = table[self.target_columns[0]]
+        if self.task == "multilabel":
+            index = {c: i for i, c in enumerate(self.classes)}
+            out = np.zeros((len(table), len(self.classes)), np.float32)
+            for row, text in enumerate(column.fillna("")):
+                for lab in str(text).split(self.label_separator):
+                    if lab:
+                        out[row, index[lab]] = 1.0
+            return out
+        index = {c: i for i, c in enumerate(self.classes)}
+        codes = column.astype(str).map(index)
+        if codes.isna().any():
+            raise PipelineError(f"column '{self.target_columns[0]}' holds unknown classes "
+                                f"{first_few(column[codes.isna()].unique())}; known: {first_few(self.classes, 20)}")
+        codes = codes.to_numpy(np.int64)
+        return codes.astype(np.float32) if self.task == "binary" else codes
+
+    def strata(self, table: pd.DataFrame) -> np.ndarray:
+        """A 1-D label per row for stratified splitting (class index)."""
+        y = self.encode(table)
+        return y.astype(int) if self.task in ("binary", "multiclass") else y
+
+    # ------------------------------------------------------------------ predictions
+    def activate(self, logits: np.ndarray) -> np.ndarray:
+        """Logits to what prediction columns hold: softmax, sigmoid, or identity."""
+        logits = np.asarray(logits, dtype=np.float64)
+        if self.task == "multiclass":
+            z = logits - logits.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            return e / e.sum(axis=1, keepdims=True)
+        if self.task in ("binary", "multilabel"):
+            out = 1.0 / (1.0 + np.exp(-logits))
+            return out[:, 0] if self.task == "binary" and out.ndim == 2 else out
+        return logits[:, 0] if logits.ndim == 2 else logits
+
+    def predictions_frame(self, ids, preds: np.ndarray, id_column: str) -> pd.DataFrame:
+        preds = np.asarray(preds)
+        preds = preds.reshape(len(preds), -1)
+        frame = pd.DataFrame(preds, columns=self.pred_columns)
+        frame.insert(0, id_column, list(ids))
+        return frame
+
+    def predictions_from_frame(self, frame: pd.DataFrame, source: str = "predictions") -> np.ndarray:
+        """Read prediction columns back, checking the contract."""
+        missing = [c for c in self.pred_columns if c not in frame.columns]
+        if missing:
+            raise PipelineError(f"{source} lacks prediction columns {first_few(missing)}; "
+                                f"expected {first_few(self.pred_columns, 20)}")
+        values = frame[self.pred_columns].to_numpy(np.float64)
+        return values[:, 0] if self.task in ("binary", "regression") else values
