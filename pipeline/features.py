@@ -1,0 +1,53 @@
+"""Frozen-phase feature cache.
+
+While the backbone is frozen (eval mode, no augmentation), the pooled features an image
+produces are fixed. They are computed once per backbone and image - one forward pass over the
+train images serves every fold and every frozen epoch - and the head trains on them. The
+cache lives in memory for the process and on disk (safetensors) for other processes and runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline import artifacts
+from pipeline.backbones import pooled_features
+from pipeline.fit import Runtime
+
+_MEMORY: dict[str, torch.Tensor] = {}
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, loader, runtime: Runtime) -> torch.Tensor:
+    """Pooled features (N, D) in the loader's order, through the frozen backbone in eval mode."""
+    model.eval()
+    chunks = []
+    for x, _ in loader:
+        with runtime.autocast():
+            chunks.append(pooled_features(model, runtime.images(x)).float())
+    return torch.cat(chunks)
+
+
+def cached_features(key: str, cache_dir: Path | None, compute) -> tuple[torch.Tensor, str]:
+    """Features for ``key`` from memory, disk, or ``compute()``; returns (features, source)."""
+    if key in _MEMORY:
+        return _MEMORY[key], "memory"
+    path = cache_dir / f"train-{key[:16]}.safetensors" if cache_dir else None
+    if path is not None and path.exists():
+        feats = load_file(str(path))["features"]
+        source = "disk"
+    else:
+        feats = compute().cpu()
+        source = "computed"
+        if path is not None:
+            with artifacts.atomic_path(path) as tmp:
+                save_file({"features": feats.contiguous()}, str(tmp))
+    _MEMORY[key] = feats
+    return feats, source
+
+
+def clear_memory() -> None:
+    _MEMORY.clear()

@@ -1,0 +1,281 @@
+"""The training machinery shared by the train, tune and lr-find stages.
+
+Device and precision set-up, the loss per task, optimizers and schedulers from timm's
+factories, one optimizer step (accumulation, clipping, AMP scaling, EMA), one epoch over
+batches, evaluation, and prediction with test-time augmentation.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.augment import TTA_VIEWS, normalize
+from pipeline.backbones import split_parameters
+from pipeline.config import PhaseConfig, TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.tasks import TaskSpec
+
+
+class NonFiniteLoss(PipelineError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class Runtime:
+    """Where and in which precision tensors live; normalises uint8 batches on the device."""
+
+    device: torch.device
+    mean: torch.Tensor
+    std: torch.Tensor
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, tcfg: TrainConfig, mean, std, device: str | None = None) -> "Runtime":
+        name = device or tcfg.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise PipelineError(f"train.device is '{name}' but CUDA is not available; use train.device=cpu or auto")
+        dev = torch.device(name)
+        cuda = dev.type == "cuda"
+        amp_dtype = None
+        if cuda and tcfg.amp:
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        shape = (1, 3, 1, 1)
+        return cls(dev, torch.tensor(mean, device=dev).view(shape), torch.tensor(std, device=dev).view(shape),
+                   amp_dtype, cuda and tcfg.channels_last, scaler)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+
+def seed_everything(*parts: int) -> int:
+    """Seed Python, NumPy and torch from a tuple (e.g. seed, fold, epoch); returns the seed."""
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
+def default_workers(runtime: Runtime, configured: int | None) -> int:
+    if configured is not None:
+        return configured
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # On CPU the workers compete with the model's own threads; on a GPU they feed it.
+    return min(8, cpus) if runtime.cuda else max(0, min(4, cpus - 2))
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def make_loss(spec: TaskSpec, tcfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Loss on raw logits (N, outputs) against encoded targets; soft targets from mixup allowed."""
+    kind = tcfg.loss
+    if kind == "auto":
+        kind = {"multiclass": "ce", "binary": "bce", "multilabel": "bce", "regression": "mse"}[spec.task]
+    smoothing = tcfg.label_smoothing
+    if kind == "ce":
+        if spec.task != "multiclass":
+            raise PipelineError(f"train.loss ce is for multiclass; task is {spec.task} (use auto or bce)")
+
+        def ce(logits, y):
+            if y.ndim == 2:  # soft targets (mixup/cutmix already smoothed them)
+                return torch.sum(-y * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+            return F.cross_entropy(logits.float(), y.long(), label_smoothing=smoothing)
+        return ce
+    if kind == "bce":
+        if spec.task not in ("binary", "multilabel"):
+            raise PipelineError(f"train.loss bce is for binary/multilabel; task is {spec.task}")
+
+        def bce(logits, y):
+            y = y.float().view_as(logits) * (1 - smoothing) + 0.5 * smoothing
+            return F.binary_cross_entropy_with_logits(logits.float(), y)
+        return bce
+    if spec.task != "regression":
+        raise PipelineError(f"train.loss {kind} is for regression; task is {spec.task}")
+    fn = F.mse_loss if kind == "mse" else F.huber_loss
+    return lambda logits, y: fn(logits.float(), y.float().view_as(logits))
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def _decay_groups(named, lr_scale: float) -> list[dict]:
+    """Weight decay on weights only: biases and norm parameters (1-D) get none."""
+    decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias"))]
+    groups = [{"params": decay, "lr_scale": lr_scale}, {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, tcfg: TrainConfig, phase: PhaseConfig, frozen: bool) -> torch.optim.Optimizer:
+    """timm optimizer: head only when frozen; otherwise backbone at ``lr x backbone_lr_mult``
+    (or timm's layer-wise decay) and head at ``lr``. Group LRs are ``lr x lr_scale`` so the
+    scheduler keeps the ratio through warmup and decay."""
+    backbone, head = split_parameters(model)
+    if frozen:
+        groups = _decay_groups(head, 1.0)
+    elif phase.layer_decay is not None:
+        return create_optimizer_v2(model, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay,
+                                   layer_decay=phase.layer_decay)
+    else:
+        groups = _decay_groups(backbone, phase.backbone_lr_mult) + _decay_groups(head, 1.0)
+    for g in groups:
+        g.setdefault("is_head", g["lr_scale"] == 1.0)
+    optimizer = create_optimizer_v2(groups, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay)
+    for g in optimizer.param_groups:  # start at the scheduled LR, not the raw base
+        g["lr"] = phase.lr * g.get("lr_scale", 1.0)
+    return optimizer
+
+
+def build_scheduler(optimizer, phase: PhaseConfig, updates_per_epoch: int):
+    """Linear warmup then cosine decay to ``lr x min_lr_ratio``, stepped per optimizer update
+    (timm's scheduler; group LRs keep their ``lr_scale`` ratio throughout)."""
+    min_lr = phase.lr * phase.min_lr_ratio
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(phase.epochs, 1),
+                                       warmup_epochs=phase.warmup_epochs, warmup_lr=min_lr, min_lr=min_lr,
+                                       step_on_epochs=False, updates_per_epoch=max(updates_per_epoch, 1),
+                                       warmup_prefix=True)
+    return scheduler
+
+
+def group_lrs(optimizer) -> dict[str, float]:
+    head = [g["lr"] for g in optimizer.param_groups if g.get("is_head", g.get("lr_scale", 1.0) == 1.0)]
+    body = [g["lr"] for g in optimizer.param_groups if not g.get("is_head", g.get("lr_scale", 1.0) == 1.0)]
+    return {"lr_head": max(head) if head else float("nan"), "lr_backbone": max(body) if body else 0.0}
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+class Stepper:
+    """Backward and (every ``accum`` batches) an optimizer step with clipping, AMP scaling,
+    the LR schedule and EMA. Non-finite losses are detected without a per-step sync."""
+
+    def __init__(self, optimizer, scheduler, runtime: Runtime, tcfg: TrainConfig, params, ema=None,
+                 steps_per_epoch: int = 1, start_update: int = 0):
+        self.optimizer, self.scheduler, self.runtime = optimizer, scheduler, runtime
+        self.accum, self.clip, self.params, self.ema = tcfg.grad_accum, tcfg.grad_clip, list(params), ema
+        self.updates = start_update
+        self.total_updates_per_epoch = steps_per_epoch
+        self._pending = 0
+        self._bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self._bad |= ~torch.isfinite(loss.detach())
+        scaled = loss / self.accum
+        (self.runtime.scaler.scale(scaled) if self.runtime.scaler else scaled).backward()
+        self._pending += 1
+        if self._pending == self.accum or last:
+            self._step()
+
+    def _step(self) -> None:
+        scaler = self.runtime.scaler
+        if self.clip:
+            if scaler:
+                scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending = 0
+        self.updates += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.updates)
+        if self.ema is not None:
+            self.ema.update(self.ema_source, step=self.updates)
+
+    ema_source: nn.Module | None = None
+
+    def check_finite(self, where: str) -> None:
+        if bool(self._bad):
+            raise NonFiniteLoss(f"the loss became NaN/inf ({where}); the last good checkpoint is kept. "
+                                f"Lower the learning rate (train.frozen.lr / train.unfrozen.lr), enable "
+                                f"train.grad_clip, or check the targets for extreme values")
+
+
+def run_batches(batches: Iterable, step_fn: Callable, stepper: Stepper, n_batches: int, desc: str,
+                progress: bool = True) -> dict:
+    """Loop over batches calling ``step_fn(batch) -> (loss, n_images)``; returns loss and speed."""
+    total, images, start = torch.zeros((), device=stepper.runtime.device), 0, time.perf_counter()
+    bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress, mininterval=1.0)
+    for i, batch in enumerate(bar):
+        loss, n = step_fn(batch)
+        stepper.backward(loss, last=i == n_batches - 1)
+        total += loss.detach().float() * n
+        images += n
+        if progress and i % 20 == 0:
+            stepper.check_finite(desc)
+            bar.set_postfix(loss=f"{total.item() / max(images, 1):.4f}",
+                            img_s=f"{images / (time.perf_counter() - start):.0f}")
+    stepper.check_finite(desc)
+    seconds = time.perf_counter() - start
+    return {"train_loss": total.item() / max(images, 1), "seconds": seconds,
+            "images_per_s": images / max(seconds, 1e-9)}
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, runtime: Runtime, views=("identity",)) -> list[torch.Tensor]:
+    """Logits per TTA view for every image in ``loader`` (order preserved), on the CPU."""
+    model.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in views]
+    fns = [TTA_VIEWS[v] for v in views]
+    for x, _ in loader:
+        x = runtime.images(x)
+        with runtime.autocast():
+            for k, fn in enumerate(fns):
+                out[k].append(model(fn(x)).float().cpu())
+    return [torch.cat(o) for o in out]
+
+
+def activate_mean(spec: TaskSpec, logits_per_view: list[torch.Tensor]) -> np.ndarray:
+    """TTA: average the activated predictions (probabilities or values) over views."""
+    return np.mean([spec.activate(v.numpy()) for v in logits_per_view], axis=0)
+
+
+def score(metric, spec: TaskSpec, y: np.ndarray, preds: np.ndarray) -> float:
+    try:
+        return metric(y, preds, spec.task)
+    except ValueError:  # e.g. AUC with one class present in a tiny fold
+        return float("nan")

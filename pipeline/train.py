@@ -1,0 +1,561 @@
+"""Train stage: every backbone on every fold, frozen head first, then the whole network.
+
+Per fold (``runs/<exp>/<backbone>/fold<k>/``): ``history.csv``, ``best.safetensors``,
+``oof.csv`` (the fold's validation rows), ``test.csv`` (TTA predictions), and while running a
+``resume.safetensors`` written after every epoch. Per backbone: ``oof.csv`` (every train row
+once), fold-averaged ``test.csv`` and ``cv.json``.
+
+A fold's randomness is a function of (seed, fold, epoch) only - every epoch re-seeds - so a
+run killed after epoch e and resumed ends exactly where an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pipeline import artifacts, checkpoints
+from pipeline.augment import ImageCache, eval_transform, train_transform
+from pipeline.backbones import (create_backbone, data_config, freeze_batchnorm_stats, frozen_train_mode,
+                                pooled_features, set_frozen)
+from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
+from pipeline.data import PATH, ImageDataset, read_folds, read_test_table, task_spec
+from pipeline.errors import PipelineError
+from pipeline.features import cached_features, compute_features
+from pipeline.fit import (Runtime, Stepper, activate_mean, build_optimizer, build_scheduler, default_workers,
+                          group_lrs, make_loss, predict_logits, run_batches, score, seed_everything)
+from pipeline.metrics import get_metric
+from pipeline.paths import Paths
+from pipeline.tasks import TaskSpec
+
+# ----------------------------------------------------------------------------- tuned LRs
+
+
+def apply_tuned(cfg: Config, bcfg: BackboneConfig) -> tuple[Config, dict]:
+    """Config with the tune stage's best LRs when ``train.use_tuned`` says so; and where each
+    LR came from (``config`` or the best.json path)."""
+    path = Paths(cfg).tuned_params(bcfg.name)
+    use = cfg.train.use_tuned == "true" or (cfg.train.use_tuned == "auto" and path.exists())
+    if not use:
+        return cfg, {"lr_source": "config"}
+    if not path.exists():
+        raise PipelineError(f"train.use_tuned is true but {path} does not exist; run `make tune` first")
+    params = artifacts.read_json(path)["params"]
+    frozen, unfrozen, train = cfg.train.frozen, cfg.train.unfrozen, cfg.train
+    frozen = dataclasses.replace(frozen, lr=params.get("frozen_lr", frozen.lr))
+    unfrozen = dataclasses.replace(unfrozen, lr=params.get("unfrozen_lr", unfrozen.lr),
+                                   backbone_lr_mult=params.get("backbone_lr_mult", unfrozen.backbone_lr_mult))
+    train = dataclasses.replace(train, frozen=frozen, unfrozen=unfrozen,
+                                weight_decay=params.get("weight_decay", train.weight_decay))
+    return cfg.replace(train=train), {"lr_source": str(path), "tuned": params}
+
+
+# ----------------------------------------------------------------------------- one fold
+
+
+@dataclass
+class FoldJob:
+    """Everything one fold needs. ``out_dir`` None: train in memory only (tuning)."""
+
+    cfg: Config
+    bcfg: BackboneConfig
+    spec: TaskSpec
+    table: pd.DataFrame  # the folds table with image paths
+    fold: int
+    test: pd.DataFrame | None = None
+    out_dir: Path | None = None
+    digest: str = ""
+    report: Callable[[int, float], None] | None = None  # after each epoch (tuning/pruning)
+    progress: bool = True
+    feature_cache_dir: Path | None = None
+
+
+@dataclass
+class FoldResult:
+    best_score: float
+    best_epoch: int
+    history: list[dict]
+    oof: pd.DataFrame | None = None
+    test: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class FoldTrainer:
+    """One fold: set-up, the frozen and unfrozen phases, predictions. Read ``run`` first."""
+
+    def __init__(self, job: FoldJob):
+        self.job, cfg = job, job.cfg
+        self.tcfg = cfg.train
+        self.metric = get_metric(cfg.metric, job.spec.task)
+        seed_everything(self.tcfg.seed)  # same initial model in every fold
+        self.model = create_backbone(job.bcfg, job.spec.num_outputs)
+        self.dc = data_config(self.model, job.bcfg)
+        self.rt = Runtime.create(self.tcfg, self.dc["mean"], self.dc["std"])
+        self.rt.prepare_model(self.model)
+        self.loss_fn = make_loss(job.spec, self.tcfg)
+        self.batch_size = job.bcfg.batch_size or self.tcfg.batch_size
+        self.workers = default_workers(self.rt, self.tcfg.num_workers)
+        folds = job.table["fold"].to_numpy()
+        self.train_idx = np.flatnonzero(folds != job.fold)
+        self.valid_idx = np.flatnonzero(folds == job.fold)
+        if len(self.valid_idx) == 0:
+            raise PipelineError(f"fold {job.fold} has no validation rows; folds run 0..{folds.max()}")
+        self.y = job.spec.encode(job.table)
+        self.y_t = torch.from_numpy(np.array(self.y))
+        self.cache = self._image_cache()
+        self.state = {"epoch": -1, "updates": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+        self.best_in_memory: dict | None = None
+        self.ema = None
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------ data
+    def _image_cache(self):
+        if not self.tcfg.cache_images:
+            return None
+        size, paths = self.dc["size"], list(self.job.table[PATH])
+        if self.job.test is not None:
+            paths += list(self.job.test[PATH])
+        print(f"image cache: {len(paths)} images at {size}px take "
+              f"{ImageCache.bytes_needed(len(paths), size) / 2**20:.1f} MiB of memory")
+        return ImageCache(paths, size, self.dc["interpolation"])
+
+    def _dataset(self, rows: np.ndarray, train: bool, test: bool = False) -> ImageDataset:
+        size, interp = self.dc["size"], self.dc["interpolation"]
+        transform = train_transform(self.job.cfg.augment.train, size, interp) if train else eval_transform(size, interp)
+        table = self.job.test if test else self.job.table
+        cache = None
+        if self.cache is not None:
+            offset = len(self.job.table) if test else 0
+            cache = _Subset(self.cache, rows + offset)
+        targets = None if test else self.y[rows]
+        return ImageDataset(table[PATH].to_numpy()[rows], targets, transform, cache)
+
+    def _loader(self, dataset, shuffle_seed: int | None = None, batch_sampler=None, drop_last=False):
+        kwargs = dict(num_workers=self.workers, pin_memory=self.rt.cuda, persistent_workers=False)
+        if self.workers:
+            kwargs.update(worker_init_fn=_seed_worker, prefetch_factor=4)
+        if batch_sampler is not None:
+            return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+        generator = None
+        if shuffle_seed is not None:
+            generator = torch.Generator().manual_seed(shuffle_seed)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle_seed is not None,
+                                           generator=generator, drop_last=drop_last, **kwargs)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def fold_dir(self) -> Path | None:
+        return self.job.out_dir
+
+    def _resume(self) -> None:
+        if self.fold_dir is None:
+            return
+        info = checkpoints.read_resume_info(self.fold_dir / "resume.safetensors")
+        if info is None or info.get("digest") != self.job.digest:
+            return
+        self.state.update(info)
+        print(f"fold {self.job.fold}: resuming after epoch {info['epoch']} ({info['phase']} phase)")
+
+    def _save_epoch(self, row: dict, optimizer, improved: bool) -> None:
+        eval_model = self.ema.module if self.ema is not None else self.model
+        if improved:
+            if self.fold_dir is None:
+                self.best_in_memory = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+            else:
+                checkpoints.save_weights(self.fold_dir / "best.safetensors", eval_model)
+        if self.fold_dir is None:
+            return
+        artifacts.write_csv(self.fold_dir / "history.csv", pd.DataFrame(self.state["history"]))
+        info = {**self.state, "digest": self.job.digest, "phase": row["phase"]}
+        checkpoints.save_resume(self.fold_dir / "resume.safetensors", self.model, optimizer, info,
+                                self.ema.module if self.ema is not None else None)
+
+    def _end_epoch(self, epoch: int, phase: str, lrs: dict, train_stats: dict, valid_logits: torch.Tensor,
+                   optimizer) -> bool:
+        """Score the epoch, log it, checkpoint it; True when early stopping says stop."""
+        valid_y = self.y_t[self.valid_idx]
+        valid_loss = float(self.loss_fn(valid_logits, valid_y))
+        preds = self.job.spec.activate(valid_logits.numpy())
+        value = score(self.metric, self.job.spec, self.y[self.valid_idx], preds)
+        improved = self.metric.better(value, self.state["best"])
+        if improved:
+            self.state.update(best=value, best_epoch=epoch, bad_epochs=0)
+        elif phase == "unfrozen":
+            self.state["bad_epochs"] += 1
+        row = {"epoch": epoch, "phase": phase, **lrs, "train_loss": train_stats["train_loss"],
+               "valid_loss": valid_loss, f"valid_{self.metric.name}": value,
+               "seconds": train_stats["seconds"], "images_per_s": train_stats["images_per_s"]}
+        self.state["history"].append(row)
+        self.state["epoch"] = epoch
+        self._save_epoch(row, optimizer, improved)
+        if self.job.report is not None:
+            self.job.report(epoch, value)
+        patience = self.tcfg.early_stopping_patience
+        return phase == "unfrozen" and patience is not None and self.state["bad_epochs"] >= patience
+
+    # ------------------------------------------------------------------ frozen phase
+    def use_feature_cache(self) -> bool:
+        cfg = self.job.cfg
+        if not self.tcfg.cache_features:
+            return False
+        if cfg.augment.frozen_phase and cfg.augment.train:
+            self.notes.append("frozen phase: augmentation is on, so the feature cache is off (full model)")
+            return False
+        return True
+
+    def frozen_features(self) -> torch.Tensor:
+        """Pooled features of every train row (identity view), cached across folds."""
+        bcfg = self.job.bcfg
+        key = artifacts.fingerprint({"backbone": dataclasses.asdict(bcfg), "size": self.dc["size"],
+                                     "seed": self.tcfg.seed, "ids": list(map(str, self.job.table.iloc[:, 0])),
+                                     "paths": list(self.job.table[PATH])})
+        loader = self._loader(self._dataset(np.arange(len(self.job.table)), train=False))
+        feats, source = cached_features(key, self.job.feature_cache_dir,
+                                        lambda: compute_features(self.model, loader, self.rt))
+        if source != "memory":
+            print(f"frozen phase: features of {len(feats)} images {source} ({'cache' if source == 'disk' else 'one pass'})")
+        return feats.to(self.rt.device)
+
+    def frozen_phase(self, phase: PhaseConfig, start_epoch: int) -> None:
+        set_frozen(self.model, True)
+        head = self.model.get_classifier()
+        optimizer = build_optimizer(self.model, self.tcfg, phase, frozen=True)
+        steps = -(-len(self.train_idx) // self.batch_size)
+        scheduler = build_scheduler(optimizer, phase, steps)
+        if start_epoch > 0:
+            self._load_resume(optimizer)
+        stepper = Stepper(optimizer, scheduler, self.rt, self.tcfg, head.parameters(), steps_per_epoch=steps,
+                          start_update=start_epoch * steps)
+        scheduler.step_update(stepper.updates)
+        feats = self.frozen_features() if self.use_feature_cache() else None
+        y_dev = self.y_t.to(self.rt.device)
+        for epoch in range(start_epoch, phase.epochs):
+            seed = seed_everything(self.tcfg.seed, self.job.fold, epoch)
+            order = self.train_idx[torch.randperm(len(self.train_idx), generator=torch.Generator().manual_seed(seed)).numpy()]
+            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            frozen_train_mode(self.model)
+            lrs = group_lrs(optimizer)
+            if feats is not None:
+                step = lambda idx: self._head_loss(head, feats[torch.as_tensor(idx, device=feats.device)], y_dev[idx])  # noqa: E731
+                stats = run_batches(batches, step, stepper, len(batches), self._desc("frozen", epoch),
+                                    self.job.progress)
+                with torch.no_grad():
+                    valid_logits = head(feats[torch.as_tensor(self.valid_idx, device=feats.device)]).float().cpu()
+            else:
+                loader = self._loader(self._dataset(np.arange(len(self.job.table)), train=self.job.cfg.augment.frozen_phase),
+                                      batch_sampler=batches)
+                stats = run_batches(loader, lambda b: self._frozen_model_loss(head, b), stepper, len(batches),
+                                    self._desc("frozen", epoch), self.job.progress)
+                valid_logits = predict_logits(self.model, self._valid_loader(), self.rt)[0]
+            if self._end_epoch(epoch, "frozen", lrs, stats, valid_logits, optimizer):
+                break
+        set_frozen(self.model, False)
+
+    def _head_loss(self, head: nn.Module, feats: torch.Tensor, y: torch.Tensor):
+        with self.rt.autocast():
+            return self.loss_fn(head(feats), y), len(y)
+
+    def _frozen_model_loss(self, head: nn.Module, batch):
+        x, y = batch
+        with torch.no_grad(), self.rt.autocast():
+            feats = pooled_features(self.model, self.rt.images(x)).float()
+        return self._head_loss(head, feats, y.to(self.rt.device))
+
+    # ------------------------------------------------------------------ unfrozen phase
+    def unfrozen_phase(self, phase: PhaseConfig, first_epoch: int, start_epoch: int) -> None:
+        self.model.train()
+        optimizer = build_optimizer(self.model, self.tcfg, phase, frozen=False)
+        drop_last = self._mixup() is not None and len(self.train_idx) > self.batch_size
+        steps = len(self.train_idx) // self.batch_size if drop_last else -(-len(self.train_idx) // self.batch_size)
+        updates_per_epoch = -(-steps // self.tcfg.grad_accum)
+        scheduler = build_scheduler(optimizer, phase, updates_per_epoch)
+        self.ema = self._make_ema()
+        done = start_epoch - first_epoch
+        if done > 0:
+            self._load_resume(optimizer)
+        stepper = Stepper(optimizer, scheduler, self.rt, self.tcfg, self.model.parameters(), self.ema,
+                          updates_per_epoch, start_update=done * updates_per_epoch)
+        stepper.ema_source = self.model
+        scheduler.step_update(stepper.updates)
+        mixup = self._mixup()
+        train_ds = self._dataset(self.train_idx, train=True)
+        for epoch in range(start_epoch, first_epoch + phase.epochs):
+            seed = seed_everything(self.tcfg.seed, self.job.fold, epoch)
+            train_ds.transform.set_random_seed(seed)
+            loader = self._loader(train_ds, shuffle_seed=seed, drop_last=drop_last)
+            self._train_mode()
+            lrs = group_lrs(optimizer)
+            stats = run_batches(loader, lambda b: self._model_loss(b, mixup), stepper, len(loader),
+                                self._desc("unfrozen", epoch), self.job.progress)
+            eval_model = self.ema.module if self.ema is not None else self.model
+            valid_logits = predict_logits(eval_model, self._valid_loader(), self.rt)[0]
+            if self._end_epoch(epoch, "unfrozen", lrs, stats, valid_logits, optimizer):
+                print(f"fold {self.job.fold}: early stopping after epoch {epoch}")
+                break
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.tcfg.freeze_bn:
+            freeze_batchnorm_stats(self.model)
+
+    def _model_loss(self, batch, mixup):
+        x, y = batch
+        x, y = self.rt.images(x), y.to(self.rt.device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y.long())
+        with self.rt.autocast():
+            return self.loss_fn(self.model(x), y), len(x)
+
+    def _mixup(self):
+        t = self.tcfg
+        if t.mixup_alpha <= 0 and t.cutmix_alpha <= 0:
+            return None
+        if self.job.spec.task != "multiclass":
+            raise PipelineError(f"train.mixup_alpha/cutmix_alpha apply to multiclass tasks; task is {self.job.spec.task}")
+        from timm.data import Mixup
+        return Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, prob=t.mixup_prob,
+                     label_smoothing=t.label_smoothing, num_classes=self.job.spec.num_outputs)
+
+    def _make_ema(self):
+        if not self.tcfg.ema:
+            return None
+        from timm.utils import ModelEmaV3
+        return ModelEmaV3(self.model, decay=self.tcfg.ema_decay)
+
+    def _load_resume(self, optimizer) -> None:
+        checkpoints.load_resume(self.fold_dir / "resume.safetensors", self.model, optimizer,
+                                self.ema.module if self.ema is not None else None)
+
+    # ------------------------------------------------------------------ predictions
+    def _valid_loader(self):
+        return self._loader(self._dataset(self.valid_idx, train=False))
+
+    def _desc(self, phase: str, epoch: int) -> str:
+        return f"{self.job.bcfg.name} fold {self.job.fold} {phase} epoch {epoch}"
+
+    def _load_best(self) -> None:
+        target = self.ema.module if self.ema is not None else self.model
+        if self.fold_dir is not None and (self.fold_dir / "best.safetensors").exists():
+            checkpoints.load_weights(self.fold_dir / "best.safetensors", target)
+        elif self.best_in_memory is not None:
+            target.load_state_dict(self.best_in_memory)
+        self.final_model = target
+
+    def predictions(self) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        """OOF (validation rows) and test predictions of the best weights, averaged over TTA views."""
+        spec, views, id_col = self.job.spec, self.job.cfg.augment.tta, self.job.cfg.data.id_column
+        logits = predict_logits(self.final_model, self._valid_loader(), self.rt, views)
+        ids = self.job.table[id_col].to_numpy()[self.valid_idx]
+        oof = spec.predictions_frame(ids, activate_mean(spec, logits), id_col)
+        oof.insert(1, "fold", self.job.fold)
+        test = None
+        if self.job.test is not None:
+            loader = self._loader(self._dataset(np.arange(len(self.job.test)), train=False, test=True))
+            test = spec.predictions_frame(self.job.test[id_col], activate_mean(spec, predict_logits(
+                self.final_model, loader, self.rt, views)), id_col)
+        return oof, test
+
+    # ------------------------------------------------------------------ the fold
+    def run(self) -> FoldResult:
+        train = self.tcfg
+        n_frozen, n_unfrozen = train.frozen.epochs, train.unfrozen.epochs
+        self._resume()
+        start = self.state["epoch"] + 1
+        if self.fold_dir is not None and start > 0 and start >= n_frozen:  # frozen phase already done
+            checkpoints.load_resume(self.fold_dir / "resume.safetensors", self.model, None)
+        if start < n_frozen:
+            self.frozen_phase(train.frozen, start)
+            start = self.state["epoch"] + 1
+        if n_unfrozen > 0 and start < n_frozen + n_unfrozen and not self._stopped_early():
+            self.unfrozen_phase(train.unfrozen, n_frozen, max(start, n_frozen))
+        if self.state["best_epoch"] < 0:  # no epoch ran: the initial weights are the best we have
+            self.best_in_memory = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.fold_dir is not None:
+                checkpoints.save_weights(self.fold_dir / "best.safetensors", self.model)
+        self._load_best()
+        oof = test = None
+        if self.fold_dir is not None or self.job.test is not None:
+            oof, test = self.predictions()
+        return FoldResult(self.state["best"], self.state["best_epoch"], self.state["history"], oof, test, self.notes)
+
+    def _stopped_early(self) -> bool:
+        patience = self.tcfg.early_stopping_patience
+        return patience is not None and self.state["bad_epochs"] >= patience
+
+
+class _Subset:
+    """Rows of an :class:`ImageCache` by index."""
+
+    def __init__(self, cache, rows):
+        self.cache, self.rows = cache, np.asarray(rows)
+
+    def __getitem__(self, i):
+        return self.cache[self.rows[i]]
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def train_fold(job: FoldJob) -> FoldResult:
+    """Train one fold (resuming when a matching resume file exists); write its files."""
+    result = FoldTrainer(job).run()
+    if job.out_dir is not None:
+        artifacts.write_csv(job.out_dir / "oof.csv", result.oof)
+        if result.test is not None:
+            artifacts.write_csv(job.out_dir / "test.csv", result.test)
+        artifacts.mark_done(_fold_outputs(job.out_dir, job.test is not None), job.digest)
+        (job.out_dir / "resume.safetensors").unlink(missing_ok=True)
+    return result
+
+
+def _fold_outputs(fold_dir: Path, with_test: bool) -> list[Path]:
+    outs = [fold_dir / "oof.csv", fold_dir / "history.csv", fold_dir / "best.safetensors"]
+    return outs + [fold_dir / "test.csv"] if with_test else outs
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:
+    """What a fold's result depends on: data, folds, task, metric, training and augmentation."""
+    paths = Paths(cfg)
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
+             if k not in ("num_workers", "use_tuned", "log_every", "device")}
+    part = {"data": dataclasses.asdict(cfg.data), "metric": cfg.metric, "train": train,
+            "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "fold": fold}
+    inputs = [paths.folds_csv, paths.sample_submission] + ([paths.train_csv] if paths.train_csv else [])
+    return artifacts.fingerprint(part, inputs)
+
+
+def fold_is_done(cfg: Config, bcfg: BackboneConfig, fold: int) -> bool:
+    fold_dir = Paths(cfg).fold_dir(bcfg.name, fold)
+    return artifacts.is_up_to_date(_fold_outputs(fold_dir, True), fold_digest(cfg, bcfg, fold))
+
+
+def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table: pd.DataFrame,
+                       test: pd.DataFrame) -> dict:
+    """Per-backbone ``oof.csv`` (every train row once), fold-averaged ``test.csv``, ``cv.json``."""
+    paths, id_col, metric = Paths(cfg), cfg.data.id_column, get_metric(cfg.metric, spec.task)
+    n = cfg.folds.n_splits
+    oofs = [pd.read_csv(paths.fold_dir(bcfg.name, k) / "oof.csv", dtype={id_col: str}) for k in range(n)]
+    oof = pd.concat(oofs, ignore_index=True).set_index(id_col)
+    ids = table[id_col].astype(str)
+    if oof.index.duplicated().any() or set(oof.index) != set(ids):
+        raise PipelineError(f"fold OOF files of {bcfg.name} do not cover every train row exactly once; "
+                            f"re-run `make train-folds ARGS=--force`")
+    oof = oof.loc[ids].reset_index()
+    tests = [spec.predictions_from_frame(pd.read_csv(paths.fold_dir(bcfg.name, k) / "test.csv", dtype={id_col: str}))
+             for k in range(n)]
+    test_frame = spec.predictions_frame(test[id_col], np.mean(tests, axis=0), id_col)
+    y = spec.encode(table)
+    preds = spec.predictions_from_frame(oof)
+    fold_scores = [score(metric, spec, y[table["fold"].to_numpy() == k], preds[table["fold"].to_numpy() == k])
+                   for k in range(n)]
+    cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better, "folds": fold_scores,
+          "oof": score(metric, spec, y, preds), "cv_mean": float(np.nanmean(fold_scores)),
+          "cv_std": float(np.nanstd(fold_scores))}
+    artifacts.write_csv(paths.oof_csv(bcfg.name), oof)
+    artifacts.write_csv(paths.test_csv(bcfg.name), test_frame)
+    artifacts.write_json(paths.cv_json(bcfg.name), cv)
+    return cv
+
+
+def _summary(bcfg: BackboneConfig, fold: int, result: FoldResult, metric: str, seconds: float) -> str:
+    epochs = len(result.history)
+    return (f"{bcfg.name} fold {fold}: best {metric} {result.best_score:.4f} at epoch {result.best_epoch} "
+            f"({epochs} epochs this run, {seconds:.0f} s)")
+
+
+def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None, jobs: int = 1,
+              force: bool = False) -> Path:
+    paths = Paths(cfg)
+    table = read_folds(cfg)
+    spec = task_spec(cfg, table)
+    test = read_test_table(cfg)
+    get_metric(cfg.metric, spec.task)
+    if fold is not None and not 0 <= fold < cfg.folds.n_splits:
+        raise PipelineError(f"--fold {fold} is out of range; folds are 0..{cfg.folds.n_splits - 1}")
+    backbones = [cfg.backbone(backbone)] if backbone else list(cfg.backbones)
+    for bcfg in backbones:
+        bcfg_cfg, source = apply_tuned(cfg, bcfg)
+        bdir = paths.backbone_dir(bcfg.name)
+        artifacts.write_text(bdir / "config.yaml", dump_config(bcfg_cfg.replace(backbones=[bcfg])))
+        artifacts.write_json(bdir / "lr_source.json", {**source, "frozen_lr": bcfg_cfg.train.frozen.lr,
+                                                      "unfrozen_lr": bcfg_cfg.train.unfrozen.lr,
+                                                      "backbone_lr_mult": bcfg_cfg.train.unfrozen.backbone_lr_mult})
+        print(f"{bcfg.name}: LRs from {source['lr_source']} (frozen {bcfg_cfg.train.frozen.lr:.2e}, unfrozen "
+              f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
+        todo = [k for k in ([fold] if fold is not None else range(cfg.folds.n_splits))
+                if force or not fold_is_done(bcfg_cfg, bcfg, k)]
+        if jobs > 1 and len(todo) > 1:
+            _train_parallel(bcfg, todo, jobs, bdir / "config.yaml", force)
+        else:
+            for k in todo:
+                _train_one(bcfg_cfg, bcfg, spec, table, test, k)
+        if all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
+            cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test)
+            print(f"{bcfg.name}: CV {cv['metric']} {cv['cv_mean']:.4f} +- {cv['cv_std']:.4f}, OOF {cv['oof']:.4f} "
+                  f"-> {paths.cv_json(bcfg.name)}")
+    return paths.exp_dir
+
+
+def _train_one(cfg: Config, bcfg: BackboneConfig, spec, table, test, k: int) -> FoldResult:
+    paths = Paths(cfg)
+    fold_dir = paths.fold_dir(bcfg.name, k)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text(fold_dir / "config.yaml", dump_config(cfg.replace(backbones=[bcfg])))
+    start = time.perf_counter()
+    job = FoldJob(cfg, bcfg, spec, table, k, test, fold_dir, fold_digest(cfg, bcfg, k),
+                  feature_cache_dir=paths.feature_cache_dir(bcfg.name))
+    result = train_fold(job)
+    for note in result.notes:
+        print(note)
+    print(_summary(bcfg, k, result, cfg.metric, time.perf_counter() - start))
+    return result
+
+
+def _train_parallel(bcfg: BackboneConfig, folds: list[int], jobs: int, config_path: Path, force: bool) -> None:
+    """Folds in ``jobs`` processes: one GPU each when there are GPUs, else a share of the CPU cores."""
+    gpus = torch.cuda.device_count()
+    cpus = os.cpu_count() or 1
+
+    def launch(i_fold: tuple[int, int]) -> tuple[int, int, str]:
+        slot, k = i_fold
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+        else:
+            env["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))
+        cmd = [sys.executable, "-m", "pipeline", "train", "-c", str(config_path), "--backbone", bcfg.name,
+               "--fold", str(k), "train.use_tuned=false"] + (["--force"] if force else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return k, proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+
+    print(f"{bcfg.name}: training folds {folds} in {jobs} parallel processes")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(launch, [(i % jobs, k) for i, k in enumerate(folds)]))
+    failed = [(k, out) for k, rc, out in results if rc != 0]
+    for k, rc, out in results:
+        last = [line for line in out.splitlines() if line.strip()]
+        print(f"[fold {k}] {last[-1] if last else ''}")
+    if failed:
+        k, out = failed[0]
+        raise PipelineError(f"{len(failed)} of {len(folds)} parallel folds failed; fold {k} said:\n{out}")
