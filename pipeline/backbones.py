@@ -83,8 +83,8 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load everything but a head of a different size (which stays freshly initialised)."""
+def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> bool:
+    """Load everything but a head of a different size; True when the head was loaded too."""
     own = model.state_dict()
     head = {f"{n}" for n, _ in _head_named_parameters(model)}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -93,6 +93,7 @@ def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sou
         raise PipelineError(f"weights {source} do not fit {type(model).__name__}: {len(missing)} tensors missing or "
                             f"of another shape (first: {missing[:3]}); is it a checkpoint of this architecture?")
     model.load_state_dict(usable, strict=False)
+    return all(k in usable for k in head)
 
 
 def create_backbone(bcfg: BackboneConfig, num_outputs: int) -> nn.Module:
@@ -104,18 +105,21 @@ def create_backbone(bcfg: BackboneConfig, num_outputs: int) -> nn.Module:
     if weights == "hub":
         try:
             model = timm.create_model(bcfg.name, pretrained=True, num_classes=num_outputs, **kwargs)
-            zero_head(model)
+            if num_outputs != model.pretrained_cfg.get("num_classes"):  # a new head, not the pretrained one
+                zero_head(model)
             return model
         except Exception as exc:
             raise PipelineError(f"could not get hub weights for '{bcfg.name}' ({type(exc).__name__}: {exc}). "
                                 f"Offline? Use weights: <path to a .safetensors/.pth file>, weights: bundled "
                                 f"({', '.join(BUNDLED)}), or weights: none") from None
     model = timm.create_model(bcfg.name, pretrained=False, num_classes=num_outputs, **kwargs)
+    head_loaded = False
     if weights == "bundled":
-        _load_backbone_weights(model, bundled_state_dict(bcfg.name), f"bundled:{bcfg.name}")
+        head_loaded = _load_backbone_weights(model, bundled_state_dict(bcfg.name), f"bundled:{bcfg.name}")
     elif weights != "none":
-        _load_backbone_weights(model, read_weights_file(Path(weights)), weights)
-    zero_head(model)
+        head_loaded = _load_backbone_weights(model, read_weights_file(Path(weights)), weights)
+    if not head_loaded:
+        zero_head(model)
     return model
 
 

@@ -157,10 +157,8 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, phase: PhaseConfig, fro
         groups = _decay_groups(backbone, phase.backbone_lr_mult) + _decay_groups(head, 1.0)
     for g in groups:
         g.setdefault("is_head", g["lr_scale"] == 1.0)
-    optimizer = create_optimizer_v2(groups, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay)
-    for g in optimizer.param_groups:  # start at the scheduled LR, not the raw base
-        g["lr"] = phase.lr * g.get("lr_scale", 1.0)
-    return optimizer
+    # every group's base LR is the head LR; the scheduler applies each group's lr_scale
+    return create_optimizer_v2(groups, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay)
 
 
 def build_scheduler(optimizer, phase: PhaseConfig, updates_per_epoch: int):
@@ -242,7 +240,7 @@ def run_batches(batches: Iterable, step_fn: Callable, stepper: Stepper, n_batche
         stepper.backward(loss, last=i == n_batches - 1)
         total += loss.detach().float() * n
         images += n
-        if progress and i % 20 == 0:
+        if progress and i % 5 == 0:
             stepper.check_finite(desc)
             bar.set_postfix(loss=f"{total.item() / max(images, 1):.4f}",
                             img_s=f"{images / (time.perf_counter() - start):.0f}")

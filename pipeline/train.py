@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import artifacts, checkpoints
+from pipeline import artifacts, checkpoints, distributed
 from pipeline.augment import ImageCache, eval_transform, train_transform
-from pipeline.backbones import (create_backbone, data_config, freeze_batchnorm_stats, frozen_train_mode,
+from pipeline.backbones import (check_model_name, create_backbone, data_config, freeze_batchnorm_stats, frozen_train_mode,
                                 pooled_features, set_frozen)
 from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
 from pipeline.data import PATH, ImageDataset, read_folds, read_test_table, task_spec
@@ -102,10 +102,12 @@ class FoldTrainer:
         seed_everything(self.tcfg.seed)  # same initial model in every fold
         self.model = create_backbone(job.bcfg, job.spec.num_outputs)
         self.dc = data_config(self.model, job.bcfg)
-        self.rt = Runtime.create(self.tcfg, self.dc["mean"], self.dc["std"])
+        device = f"cuda:{distributed.local_rank()}" if distributed.enabled() and torch.cuda.is_available() else None
+        self.rt = Runtime.create(self.tcfg, self.dc["mean"], self.dc["std"], device)
         self.rt.prepare_model(self.model)
         self.loss_fn = make_loss(job.spec, self.tcfg)
         self.batch_size = job.bcfg.batch_size or self.tcfg.batch_size
+        self.rank_batch_size = max(1, self.batch_size // distributed.world_size())  # DDP: same global batch
         self.workers = default_workers(self.rt, self.tcfg.num_workers)
         folds = job.table["fold"].to_numpy()
         self.train_idx = np.flatnonzero(folds != job.fold)
@@ -170,6 +172,10 @@ class FoldTrainer:
 
     def _save_epoch(self, row: dict, optimizer, improved: bool) -> None:
         eval_model = self.ema.module if self.ema is not None else self.model
+        if not distributed.is_main():
+            if improved:
+                self.best_in_memory = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+            return
         if improved:
             if self.fold_dir is None:
                 self.best_in_memory = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
@@ -221,9 +227,9 @@ class FoldTrainer:
         key = artifacts.fingerprint({"backbone": dataclasses.asdict(bcfg), "size": self.dc["size"],
                                      "seed": self.tcfg.seed, "ids": list(map(str, self.job.table.iloc[:, 0])),
                                      "paths": list(self.job.table[PATH])})
-        loader = self._loader(self._dataset(np.arange(len(self.job.table)), train=False))
-        feats, source = cached_features(key, self.job.feature_cache_dir,
-                                        lambda: compute_features(self.model, loader, self.rt))
+        loader = self._loader(self._dataset(distributed.shard(np.arange(len(self.job.table))), train=False))
+        feats, source = cached_features(key, self.job.feature_cache_dir if distributed.is_main() else None,
+                                        lambda: distributed.gather_rows(compute_features(self.model, loader, self.rt)))
         if source != "memory":
             print(f"frozen phase: features of {len(feats)} images {source} ({'cache' if source == 'disk' else 'one pass'})")
         return feats.to(self.rt.device)
@@ -258,7 +264,7 @@ class FoldTrainer:
                                       batch_sampler=batches)
                 stats = run_batches(loader, lambda b: self._frozen_model_loss(head, b), stepper, len(batches),
                                     self._desc("frozen", epoch), self.job.progress)
-                valid_logits = predict_logits(self.model, self._valid_loader(), self.rt)[0]
+                valid_logits = self._predict(self.model, self.valid_idx)[0]
             if self._end_epoch(epoch, "frozen", lrs, stats, valid_logits, optimizer):
                 break
         set_frozen(self.model, False)
@@ -291,16 +297,17 @@ class FoldTrainer:
         scheduler.step_update(stepper.updates)
         mixup = self._mixup()
         train_ds = self._dataset(self.train_idx, train=True)
+        self.net = self._ddp(self.model)
         for epoch in range(start_epoch, first_epoch + phase.epochs):
             seed = seed_everything(self.tcfg.seed, self.job.fold, epoch)
-            train_ds.transform.set_random_seed(seed)
-            loader = self._loader(train_ds, shuffle_seed=seed, drop_last=drop_last)
+            train_ds.transform.set_random_seed(seed + distributed.rank())
+            loader = self._train_loader(train_ds, seed, drop_last)
             self._train_mode()
             lrs = group_lrs(optimizer)
             stats = run_batches(loader, lambda b: self._model_loss(b, mixup), stepper, len(loader),
                                 self._desc("unfrozen", epoch), self.job.progress)
             eval_model = self.ema.module if self.ema is not None else self.model
-            valid_logits = predict_logits(eval_model, self._valid_loader(), self.rt)[0]
+            valid_logits = self._predict(eval_model, self.valid_idx)[0]
             if self._end_epoch(epoch, "unfrozen", lrs, stats, valid_logits, optimizer):
                 print(f"fold {self.job.fold}: early stopping after epoch {epoch}")
                 break
@@ -316,7 +323,21 @@ class FoldTrainer:
         if mixup is not None:
             x, y = mixup(x, y.long())
         with self.rt.autocast():
-            return self.loss_fn(self.model(x), y), len(x)
+            return self.loss_fn(self.net(x), y), len(x)
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
+        if not distributed.enabled():
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[self.rt.device.index] if self.rt.cuda else None)
+
+    def _train_loader(self, dataset, seed: int, drop_last: bool):
+        if not distributed.enabled():
+            return self._loader(dataset, shuffle_seed=seed, drop_last=drop_last)
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.rank_batch_size, sampler=sampler,
+                                           num_workers=self.workers, pin_memory=self.rt.cuda, drop_last=drop_last)
 
     def _mixup(self):
         t = self.tcfg
@@ -339,15 +360,17 @@ class FoldTrainer:
                                 self.ema.module if self.ema is not None else None)
 
     # ------------------------------------------------------------------ predictions
-    def _valid_loader(self):
-        return self._loader(self._dataset(self.valid_idx, train=False))
+    def _predict(self, model: nn.Module, rows: np.ndarray, test: bool = False, views=("identity",)):
+        """Logits per view for ``rows`` (sharded over DDP ranks and gathered back in order)."""
+        loader = self._loader(self._dataset(distributed.shard(rows), train=False, test=test))
+        return [distributed.gather_rows(v) for v in predict_logits(model, loader, self.rt, views)]
 
     def _desc(self, phase: str, epoch: int) -> str:
         return f"{self.job.bcfg.name} fold {self.job.fold} {phase} epoch {epoch}"
 
     def _load_best(self) -> None:
         target = self.ema.module if self.ema is not None else self.model
-        if self.fold_dir is not None and (self.fold_dir / "best.safetensors").exists():
+        if self.best_in_memory is None and self.fold_dir is not None and (self.fold_dir / "best.safetensors").exists():
             checkpoints.load_weights(self.fold_dir / "best.safetensors", target)
         elif self.best_in_memory is not None:
             target.load_state_dict(self.best_in_memory)
@@ -356,15 +379,14 @@ class FoldTrainer:
     def predictions(self) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         """OOF (validation rows) and test predictions of the best weights, averaged over TTA views."""
         spec, views, id_col = self.job.spec, self.job.cfg.augment.tta, self.job.cfg.data.id_column
-        logits = predict_logits(self.final_model, self._valid_loader(), self.rt, views)
+        logits = self._predict(self.final_model, self.valid_idx, views=views)
         ids = self.job.table[id_col].to_numpy()[self.valid_idx]
         oof = spec.predictions_frame(ids, activate_mean(spec, logits), id_col)
         oof.insert(1, "fold", self.job.fold)
         test = None
         if self.job.test is not None:
-            loader = self._loader(self._dataset(np.arange(len(self.job.test)), train=False, test=True))
-            test = spec.predictions_frame(self.job.test[id_col], activate_mean(spec, predict_logits(
-                self.final_model, loader, self.rt, views)), id_col)
+            logits = self._predict(self.final_model, np.arange(len(self.job.test)), test=True, views=views)
+            test = spec.predictions_frame(self.job.test[id_col], activate_mean(spec, logits), id_col)
         return oof, test
 
     # ------------------------------------------------------------------ the fold
@@ -382,7 +404,7 @@ class FoldTrainer:
             self.unfrozen_phase(train.unfrozen, n_frozen, max(start, n_frozen))
         if self.state["best_epoch"] < 0:  # no epoch ran: the initial weights are the best we have
             self.best_in_memory = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            if self.fold_dir is not None:
+            if self.fold_dir is not None and distributed.is_main():
                 checkpoints.save_weights(self.fold_dir / "best.safetensors", self.model)
         self._load_best()
         oof = test = None
@@ -417,7 +439,7 @@ def _seed_worker(worker_id: int) -> None:
 def train_fold(job: FoldJob) -> FoldResult:
     """Train one fold (resuming when a matching resume file exists); write its files."""
     result = FoldTrainer(job).run()
-    if job.out_dir is not None:
+    if job.out_dir is not None and distributed.is_main():
         artifacts.write_csv(job.out_dir / "oof.csv", result.oof)
         if result.test is not None:
             artifacts.write_csv(job.out_dir / "test.csv", result.test)
@@ -487,6 +509,8 @@ def _summary(bcfg: BackboneConfig, fold: int, result: FoldResult, metric: str, s
 def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None, jobs: int = 1,
               force: bool = False) -> Path:
     paths = Paths(cfg)
+    distributed.init()
+    main = distributed.is_main()
     table = read_folds(cfg)
     spec = task_spec(cfg, table)
     test = read_test_table(cfg)
@@ -494,13 +518,13 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
     if fold is not None and not 0 <= fold < cfg.folds.n_splits:
         raise PipelineError(f"--fold {fold} is out of range; folds are 0..{cfg.folds.n_splits - 1}")
     backbones = [cfg.backbone(backbone)] if backbone else list(cfg.backbones)
+    for bcfg in backbones:  # fail before any training on a typo in a later backbone
+        check_model_name(bcfg.name)
     for bcfg in backbones:
         bcfg_cfg, source = apply_tuned(cfg, bcfg)
         bdir = paths.backbone_dir(bcfg.name)
-        artifacts.write_text(bdir / "config.yaml", dump_config(bcfg_cfg.replace(backbones=[bcfg])))
-        artifacts.write_json(bdir / "lr_source.json", {**source, "frozen_lr": bcfg_cfg.train.frozen.lr,
-                                                      "unfrozen_lr": bcfg_cfg.train.unfrozen.lr,
-                                                      "backbone_lr_mult": bcfg_cfg.train.unfrozen.backbone_lr_mult})
+        if main:
+            _write_resolved(bcfg_cfg, bcfg, source, bdir)
         print(f"{bcfg.name}: LRs from {source['lr_source']} (frozen {bcfg_cfg.train.frozen.lr:.2e}, unfrozen "
               f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
         todo = [k for k in ([fold] if fold is not None else range(cfg.folds.n_splits))
@@ -510,18 +534,28 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
         else:
             for k in todo:
                 _train_one(bcfg_cfg, bcfg, spec, table, test, k)
-        if all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
+                distributed.barrier()
+        if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
             cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test)
             print(f"{bcfg.name}: CV {cv['metric']} {cv['cv_mean']:.4f} +- {cv['cv_std']:.4f}, OOF {cv['oof']:.4f} "
                   f"-> {paths.cv_json(bcfg.name)}")
     return paths.exp_dir
 
 
+def _write_resolved(cfg: Config, bcfg: BackboneConfig, source: dict, bdir: Path) -> None:
+    """The resolved config the backbone trains with, and where each learning rate came from."""
+    artifacts.write_text(bdir / "config.yaml", dump_config(cfg.replace(backbones=[bcfg])))
+    t = cfg.train
+    artifacts.write_json(bdir / "lr_source.json", {**source, "frozen_lr": t.frozen.lr, "unfrozen_lr": t.unfrozen.lr,
+                                                  "backbone_lr_mult": t.unfrozen.backbone_lr_mult,
+                                                  "weight_decay": t.weight_decay})
+
+
 def _train_one(cfg: Config, bcfg: BackboneConfig, spec, table, test, k: int) -> FoldResult:
     paths = Paths(cfg)
     fold_dir = paths.fold_dir(bcfg.name, k)
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text(fold_dir / "config.yaml", dump_config(cfg.replace(backbones=[bcfg])))
+    if distributed.is_main():
+        artifacts.write_text(fold_dir / "config.yaml", dump_config(cfg.replace(backbones=[bcfg])))
     start = time.perf_counter()
     job = FoldJob(cfg, bcfg, spec, table, k, test, fold_dir, fold_digest(cfg, bcfg, k),
                   feature_cache_dir=paths.feature_cache_dir(bcfg.name))

@@ -1,0 +1,227 @@
+"""Benchmarks: the pipeline's cost against the bare model's, as ratios measured in one run.
+
+Absolute speeds on shared machines are noise; a ratio of two loops timed back to back on the
+same machine, model, batch and resolution is not. Each row prints the measured ratio and its
+goal; the table (with the command and machine) is written to BENCHMARKS.md.
+
+* train step: pipeline images/s / bare forward+backward images/s (synthetic uint8 batches,
+  the pipeline's own normalisation, loss, optimizer groups, scheduler and stepper);
+* inference with TTA: pipeline images/s x views / bare forward images/s;
+* frozen phase, all folds on cached features / one bare forward pass over the same images, and
+  the same phase through the model / with the cache;
+* peak resident memory of a training process, and the image cache's size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import artifacts
+from pipeline.augment import ImageCache
+from pipeline.backbones import create_backbone
+from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
+from pipeline.fit import Runtime, Stepper, build_optimizer, build_scheduler, make_loss, predict_logits, run_batches
+from pipeline.tasks import TaskSpec
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _timed(fn, repeats: int) -> float:
+    """Best of ``repeats`` timings of ``fn()`` (seconds): the least disturbed run."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _batches(n_batches: int, batch: int, size: int, classes: int):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g),
+             torch.randint(0, classes, (batch,), generator=g)) for _ in range(n_batches)]
+
+
+def bench_train_step(cfg: Config, name: str, size: int, batch: int, steps: int, repeats: int) -> dict:
+    spec = TaskSpec("multiclass", ("label",), tuple(str(i) for i in range(10)))
+    model = create_backbone(BackboneConfig(name=name, weights="none"), 10)
+    rt = Runtime.create(cfg.train, MEAN, STD)
+    rt.prepare_model(model).train()
+    data = _batches(steps, batch, size, 10)
+    phase = PhaseConfig(epochs=1, lr=1e-3, backbone_lr_mult=0.5)
+    optimizer = build_optimizer(model, cfg.train, phase, frozen=False)
+    stepper = Stepper(optimizer, build_scheduler(optimizer, phase, steps), rt, cfg.train, model.parameters())
+    loss_fn = make_loss(spec, cfg.train)
+
+    def pipeline_step(b):
+        x, y = rt.images(b[0]), b[1].to(rt.device, non_blocking=True)
+        with rt.autocast():
+            return loss_fn(model(x), y), len(x)
+
+    bare_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bare_x = [((x.float() / 255 - rt.mean.cpu()) / rt.std.cpu()).to(rt.device) for x, _ in data]
+    bare_y = [y.to(rt.device) for _, y in data]
+
+    def bare():
+        for x, y in zip(bare_x, bare_y):
+            with rt.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            bare_opt.step()
+            bare_opt.zero_grad(set_to_none=True)
+
+    def pipe():
+        run_batches(data, pipeline_step, stepper, len(data), "bench", progress=False)
+
+    bare(), pipe()  # warm-up (allocations, cudnn autotune)
+    t_bare, t_pipe = [], []
+    for _ in range(repeats):  # interleaved so that drift hits both alike
+        t_bare.append(_timed(bare, 1))
+        t_pipe.append(_timed(pipe, 1))
+    n = steps * batch
+    return {"pipeline_img_s": n / min(t_pipe), "bare_img_s": n / min(t_bare)}
+
+
+def bench_inference(cfg: Config, name: str, size: int, batch: int, steps: int, repeats: int, views) -> dict:
+    model = create_backbone(BackboneConfig(name=name, weights="none"), 10).eval()
+    rt = Runtime.create(cfg.train, MEAN, STD)
+    rt.prepare_model(model)
+    data = _batches(steps, batch, size, 10)
+    bare_x = [((x.float() / 255 - rt.mean.cpu()) / rt.std.cpu()).to(rt.device) for x, _ in data]
+
+    @torch.no_grad()
+    def bare():
+        for x in bare_x:
+            with rt.autocast():
+                model(x)
+
+    pipe = lambda: predict_logits(model, data, rt, views)  # noqa: E731
+    bare(), pipe()
+    t_bare = [_timed(bare, 1) for _ in range(repeats)]
+    t_pipe = [_timed(pipe, 1) for _ in range(repeats)]
+    n = steps * batch
+    return {"pipeline_img_s": n / min(t_pipe), "bare_img_s": n / min(t_bare), "views": len(views)}
+
+
+def bench_frozen_phase(cfg: Config, epochs: int) -> dict:
+    """All folds' frozen phase with the feature cache vs one bare forward pass, and vs the model."""
+    from pipeline import features
+    from pipeline.data import read_folds, task_spec
+    from pipeline.folds import run_folds
+    from pipeline.train import FoldJob, FoldTrainer
+
+    run_folds(cfg)
+    table = read_folds(cfg)
+    spec = task_spec(cfg, table)
+    bcfg = cfg.backbones[0]
+    base = dataclasses.replace(cfg.train, unfrozen=dataclasses.replace(cfg.train.unfrozen, epochs=0),
+                               frozen=dataclasses.replace(cfg.train.frozen, epochs=epochs))
+
+    def phase(cache: bool) -> float:
+        features.clear_memory()
+        c = cfg.replace(train=dataclasses.replace(base, cache_features=cache))
+        start = time.perf_counter()
+        for k in range(cfg.folds.n_splits):
+            trainer = FoldTrainer(FoldJob(c, bcfg, spec, table, k, progress=False))
+            trainer.frozen_phase(c.train.frozen, 0)
+        return time.perf_counter() - start
+
+    trainer = FoldTrainer(FoldJob(cfg, bcfg, spec, table, 0, progress=False))
+    loader = trainer._loader(trainer._dataset(np.arange(len(table)), train=False))
+    bare = _timed(lambda: predict_logits(trainer.model, loader, trainer.rt), 2)
+    cached, full = phase(True), phase(False)
+    return {"cached_s": cached, "bare_forward_s": bare, "through_model_s": full,
+            "folds": cfg.folds.n_splits, "epochs": epochs, "images": len(table)}
+
+
+def peak_memory_of_training(config_path: Path) -> float:
+    """Peak RSS (MiB) of a child process training one fold for one epoch."""
+    code = ("import resource, sys; from pipeline.cli import main; main(sys.argv[1:]); "
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, "train", "-c", str(config_path), "--fold", "0", "--force"],
+                         capture_output=True, text=True, check=True).stdout
+    kib = int(out.strip().splitlines()[-1].split()[-1])
+    return kib / 1024
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md") -> Path:
+    cuda = torch.cuda.is_available()
+    name = "test_efficientnet" if quick else "efficientnet_lite0"
+    size, batch = (32, 16) if quick else (128, 32)
+    steps, repeats = (3, 2) if quick else (6, 3)
+    rows = []
+
+    r = bench_train_step(cfg, name, size, batch, steps, repeats)
+    rows.append(("train step: pipeline / bare fwd+bwd", r["pipeline_img_s"] / r["bare_img_s"],
+                 ">= 0.85" if cuda else ">= 0.9", f"{r['pipeline_img_s']:.0f} vs {r['bare_img_s']:.0f} img/s",
+                 f"{name} {size}px batch {batch}"))
+    gc.collect()
+    views = ["identity", "hflip"]
+    r = bench_inference(cfg, name, size, batch, steps, repeats, views)
+    rows.append(("inference with TTA: pipeline x views / bare fwd", r["pipeline_img_s"] * r["views"] / r["bare_img_s"],
+                 ">= 0.9", f"{r['pipeline_img_s']:.0f} img/s x {r['views']} views vs {r['bare_img_s']:.0f} img/s",
+                 f"{name} {size}px batch {batch}"))
+    gc.collect()
+
+    bench_dir = Path(cfg.runs_dir) / "bench"
+    small = cfg.replace(name="bench", backbones=[cfg.backbones[0] if not quick else
+                                                 BackboneConfig(name="test_efficientnet", weights="none", image_size=32)])
+    epochs = 2 if quick else 5
+    r = bench_frozen_phase(small, epochs)
+    rows.append(("frozen phase, all folds, cached / one bare fwd pass", r["cached_s"] / r["bare_forward_s"], "<= 1.2",
+                 f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s", f"{r['folds']} folds x {r['epochs']} epochs, "
+                 f"{r['images']} images, {small.backbones[0].name}"))
+    rows.append(("frozen phase: through the model / cached", r["through_model_s"] / r["cached_s"], ">= 10",
+                 f"{r['through_model_s']:.1f} s vs {r['cached_s']:.2f} s", "same folds and epochs"))
+
+    config_path = bench_dir / "bench.yaml"
+    one_epoch = small.replace(train=dataclasses.replace(small.train, frozen=dataclasses.replace(small.train.frozen, epochs=1),
+                                                        unfrozen=dataclasses.replace(small.train.unfrozen, epochs=1)),
+                              runs_dir=str(bench_dir / "runs"))
+    artifacts.write_text(config_path, dump_config(one_epoch))
+    rss = peak_memory_of_training(config_path)
+    rows.append(("peak RSS of a training process (1 fold, 1+1 epochs)", rss, "-", f"{rss:.0f} MiB", one_epoch.backbones[0].name))
+    n_images = len(list((Path(cfg.data.root) / cfg.data.train_dir).glob("*")))
+    img_size = small.backbones[0].image_size or 224
+    cache_mib = ImageCache.bytes_needed(n_images, img_size) / 2**20
+    rows.append(("image cache size (train images)", cache_mib, "-", f"{cache_mib:.1f} MiB",
+                 f"{n_images} images at {img_size}px"))
+    demo = Path(cfg.runs_dir) / "demo_wall_time.json"
+    if demo.exists():
+        seconds = artifacts.read_json(demo)["seconds"]
+        rows.append(("wall time of `make demo`", seconds, "-", f"{seconds / 60:.1f} min", "end to end, this machine"))
+    return _report(rows, output, quick)
+
+
+def _report(rows, output: str, quick: bool) -> Path:
+    header = "| benchmark | measured | goal | figures | setting |\n|---|---|---|---|---|\n"
+    lines = [f"| {b} | {v:.3g} | {g} | {fig} | {s} |" for b, v, g, fig, s in rows]
+    table = header + "\n".join(lines) + "\n"
+    print(table)
+    command = "make bench" + (" ARGS=--quick" if quick else "")
+    text = (f"## `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+    path = Path(output)
+    previous = path.read_text() if path.exists() else "# Benchmarks\n\nRatios measured side by side in one run.\n\n"
+    marker = "<!-- bench -->"
+    if marker in previous:
+        previous = previous.split(marker)[0]
+    artifacts.write_text(path, previous.rstrip() + f"\n\n{marker}\n" + text)
+    return path
