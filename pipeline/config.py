@@ -316,6 +316,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML reads `use_tuned: false` as a boolean
+            return "true" if value else "false"
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected text, got {value!r}")
         return str(value)
     return value

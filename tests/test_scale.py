@@ -1,0 +1,100 @@
+"""Speed and scale: the image cache, fold-parallel training, DDP under torchrun, the bench smoke run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.augment import ImageCache, eval_transform
+from pipeline.config import dump_config
+from pipeline.data import load_image, read_folds
+from pipeline.folds import run_folds
+from pipeline.paths import Paths
+from pipeline.train import run_train
+
+FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
+
+
+def _oof(cfg) -> pd.DataFrame:
+    return pd.read_csv(Paths(cfg).oof_csv(cfg.backbones[0].name))
+
+
+def test_image_cache_serves_the_same_pixels_as_the_files(make_config):
+    cfg = make_config()
+    run_folds(cfg)
+    paths = list(read_folds(cfg)["_path"][:20])
+    cache = ImageCache(paths, 32, "bicubic")
+    resize = eval_transform(32, "bicubic")
+    for i, path in enumerate(paths):
+        np.testing.assert_array_equal(cache[i], resize(image=load_image(path))["image"].permute(1, 2, 0).numpy())
+    assert ImageCache.bytes_needed(len(paths), 32) == cache.array.nbytes
+
+
+def test_training_with_the_image_cache_gives_the_same_predictions(make_config, tmp_path):
+    results = []
+    for cached in (False, True):
+        cfg = make_config(*FAST, f"train.cache_images={cached}", f"runs_dir={tmp_path / str(cached)}")
+        run_folds(cfg)
+        run_train(cfg)
+        results.append(_oof(cfg))
+    pd.testing.assert_frame_equal(results[0], results[1])
+
+
+def test_fold_parallel_training_writes_the_same_files_as_sequential(make_config, tmp_path):
+    seq = make_config(*FAST, f"runs_dir={tmp_path / 'seq'}")
+    par = make_config(*FAST, f"runs_dir={tmp_path / 'par'}")
+    run_folds(seq)
+    run_train(seq)
+    run_train(par, jobs=2)
+    a, b = _oof(seq), _oof(par)
+    assert list(a.columns) == list(b.columns) and a["image_id"].tolist() == b["image_id"].tolist()
+    pred = [c for c in a.columns if c.startswith("pred")]
+    np.testing.assert_allclose(a[pred].to_numpy(), b[pred].to_numpy(), atol=2e-3)
+    name = seq.backbones[0].name
+    for cfg in (seq, par):
+        for k in range(2):
+            assert (Paths(cfg).fold_dir(name, k) / "best.safetensors").exists()
+        assert Paths(cfg).test_csv(name).exists() and Paths(cfg).cv_json(name).exists()
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed next to this Python")
+def test_ddp_with_two_cpu_processes_writes_complete_files_close_to_single_process(make_config, tmp_path):
+    words = [*FAST, "train.frozen.epochs=2", "train.unfrozen.epochs=1"]
+    single = make_config(*words, f"runs_dir={tmp_path / 'single'}")
+    run_folds(single)
+    run_train(single)
+    ddp = make_config(*words, f"runs_dir={tmp_path / 'ddp'}")
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(dump_config(ddp))
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
+                           "-c", str(config_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    oof, table = _oof(ddp), read_folds(ddp)
+    assert sorted(oof["image_id"]) == sorted(table["image_id"]) and oof["image_id"].is_unique
+    test = pd.read_csv(Paths(ddp).test_csv(ddp.backbones[0].name))
+    assert len(test) == len(pd.read_csv(Paths(ddp).sample_submission))
+    a = json.loads(Paths(single).cv_json(single.backbones[0].name).read_text())["oof"]
+    b = json.loads(Paths(ddp).cv_json(ddp.backbones[0].name).read_text())["oof"]
+    assert abs(a - b) <= 0.15, (a, b)
+
+
+def test_bench_quick_prints_every_ratio_with_its_goal(make_config, tmp_path, capsys):
+    from pipeline.bench import run_bench
+
+    cfg = make_config(*FAST)
+    out = run_bench(cfg, quick=True, output=str(tmp_path / "BENCHMARKS.md"))
+    printed = capsys.readouterr().out
+    for row in ("train step", "inference with TTA", "cached / one bare fwd pass", "through the model / cached",
+                "peak RSS"):
+        assert row in printed and row in out.read_text()
+    assert ">= 0.9" in printed and "<= 1.2" in printed and ">= 10" in printed
