@@ -352,6 +352,8 @@ def apply_override(raw: dict, word: str) -> None:
     for i, part in enumerate(parts[:-1]):
         node = _descend(node, part, ".".join(parts[: i + 1]))
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise PipelineError(f"override key '{dotted}': '{'.'.join(parts[:-1])}' is a value, not a section")
     if isinstance(node, list):
         node[_index(node, last, dotted)] = value
     else:

@@ -191,7 +191,7 @@ def read_test_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
 
 def task_spec(cfg: Config, table: pd.DataFrame) -> TaskSpec:
     d = cfg.data
-    return TaskSpec.from_table(table, d.task, d.target_columns, d.classes, d.label_separator)
+    return TaskSpec.from_table(table, d.task, d.target_columns, d.classes, d.label_separator, d.id_column)
 
 
 # ---------------------------------------------------------------------------- folds file

@@ -15,7 +15,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 
 from pipeline import artifacts
 from pipeline.config import Config
-from pipeline.data import PATH, read_train_table, task_spec
+from pipeline.data import PATH, read_test_table, read_train_table, task_spec
 from pipeline.errors import PipelineError, first_few
 from pipeline.paths import Paths
 from pipeline.tasks import TaskSpec
@@ -53,6 +53,12 @@ def assign_folds(table: pd.DataFrame, spec: TaskSpec, cfg: Config) -> np.ndarray
 
     X = np.zeros((n, 1))
     groups = table[cfg.data.group_column].to_numpy() if cfg.data.group_column else None
+    if strategy in ("group", "stratified_group") and len(np.unique(groups)) < f.n_splits:
+        raise PipelineError(f"group column '{cfg.data.group_column}' has {len(np.unique(groups))} distinct groups, "
+                            f"fewer than folds.n_splits={f.n_splits}; lower folds.n_splits or use another strategy")
+    if strategy == "stratified_regression" and spec.task != "regression":
+        raise PipelineError(f"folds.strategy stratified_regression needs data.task: regression, got {spec.task}; "
+                            f"use stratified")
     if strategy == "kfold":
         splits = KFold(f.n_splits, shuffle=True, random_state=f.seed).split(X)
     elif strategy == "group":
@@ -93,12 +99,16 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
     paths = Paths(cfg)
     out = paths.folds_csv
     inputs = [paths.train_csv] if paths.train_csv else []
-    digest = artifacts.fingerprint({"data": cfg.data.__dict__, "folds": cfg.folds.__dict__}, inputs)
+    listing = [] if paths.train_csv else sorted(str(p) for p in paths.train_dir.rglob("*") if p.is_file())
+    digest = artifacts.fingerprint({"data": cfg.data.__dict__, "folds": cfg.folds.__dict__, "images": listing},
+                                   inputs + [paths.sample_submission])
     if not force and artifacts.is_up_to_date([out], digest):
         print(f"folds: {out} is up to date (use --force to redo)")
         return out
     table = read_train_table(cfg)
+    read_test_table(cfg)  # every later stage needs the test images: catch missing ones now
     spec = task_spec(cfg, table)
+    spec.encode(table)  # every target must encode, whatever the strategy looks at
     fold = assign_folds(table, spec, cfg)
     columns = [cfg.data.id_column, *cfg.data.target_columns]
     if cfg.data.group_column:

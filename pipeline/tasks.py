@@ -37,18 +37,20 @@ class TaskSpec:
     target_columns: tuple[str, ...]
     classes: tuple[str, ...] = ()  # multiclass/binary classes, multilabel labels
     label_separator: str = " "
+    id_column: str = ""  # named in error messages when the table has it
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_table(cls, table: pd.DataFrame, task: str, target_columns: list[str],
-                   classes: Optional[list[str]] = None, label_separator: str = " ") -> "TaskSpec":
+                   classes: Optional[list[str]] = None, label_separator: str = " ",
+                   id_column: str = "") -> "TaskSpec":
         cols = tuple(target_columns)
         if task == "regression":
             if len(cols) != 1:
                 raise PipelineError(f"regression takes one target column (data.target_columns), got {list(cols)}")
-            return cls(task, cols)
+            return cls(task, cols, id_column=id_column)
         if task == "multilabel" and len(cols) > 1:  # one 0/1 column per label
-            return cls(task, cols, tuple(classes or cols), label_separator)
+            return cls(task, cols, tuple(classes or cols), label_separator, id_column)
         if len(cols) != 1:
             raise PipelineError(f"{task} takes one target column (data.target_columns), got {list(cols)}")
         column = table[cols[0]].dropna()
@@ -67,7 +69,7 @@ class TaskSpec:
                                 f"found {len(found)}: {first_few(found)}; use task: multiclass for more")
         if task == "multiclass" and len(found) < 2:
             raise PipelineError(f"multiclass task needs at least 2 classes in column '{cols[0]}', found {found}")
-        return cls(task, cols, tuple(found), label_separator)
+        return cls(task, cols, tuple(found), label_separator, id_column)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -90,20 +92,14 @@ class TaskSpec:
             values = pd.to_numeric(table[self.target_columns[0]], errors="coerce")
             bad = table.loc[values.isna()].index
             if len(bad):
-                raise PipelineError(f"regression target '{self.target_columns[0]}' is not numeric in rows "
-                                    f"{first_few(bad)}")
+                raise PipelineError(f"regression target '{self.target_columns[0]}' is not numeric for "
+                                    f"{self._rows(table, bad)}")
             return values.to_numpy(np.float32)
         if self.task == "multilabel" and len(self.target_columns) > 1:
-            return table[list(self.target_columns)].astype(float).to_numpy(np.float32)
+            return self._encode_label_columns(table)
         column = table[self.target_columns[0]]
         if self.task == "multilabel":
-            index = {c: i for i, c in enumerate(self.classes)}
-            out = np.zeros((len(table), len(self.classes)), np.float32)
-            for row, text in enumerate(column.fillna("")):
-                for lab in str(text).split(self.label_separator):
-                    if lab:
-                        out[row, index[lab]] = 1.0
-            return out
+            return self._encode_label_lists(column)
         index = {c: i for i, c in enumerate(self.classes)}
         codes = column.astype(str).map(index)
         if codes.isna().any():
@@ -111,6 +107,36 @@ class TaskSpec:
                                 f"{first_few(column[codes.isna()].unique())}; known: {first_few(self.classes, 20)}")
         codes = codes.to_numpy(np.int64)
         return codes.astype(np.float32) if self.task == "binary" else codes
+
+    def _rows(self, table: pd.DataFrame, index) -> str:
+        if self.id_column and self.id_column in table.columns:
+            return f"ids {first_few(table.loc[index, self.id_column])}"
+        return f"rows {first_few(index)}"
+
+    def _encode_label_columns(self, table: pd.DataFrame) -> np.ndarray:
+        values = table[list(self.target_columns)].apply(pd.to_numeric, errors="coerce")
+        bad = ~values.isin([0, 1])
+        if bad.any().any():
+            col = bad.any()[bad.any()].index[0]
+            rows = table.index[bad[col]]
+            raise PipelineError(f"multilabel column '{col}' must hold 0 or 1; {self._rows(table, rows)} hold "
+                                f"{first_few(table.loc[rows, col].unique())}")
+        return values.to_numpy(np.float32)
+
+    def _encode_label_lists(self, column: pd.Series) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        out = np.zeros((len(column), len(self.classes)), np.float32)
+        unknown = set()
+        for row, text in enumerate(column.fillna("")):
+            for lab in str(text).split(self.label_separator):
+                if lab in index:
+                    out[row, index[lab]] = 1.0
+                elif lab:
+                    unknown.add(lab)
+        if unknown:
+            raise PipelineError(f"column '{self.target_columns[0]}' holds unknown labels {first_few(sorted(unknown))}; "
+                                f"known: {first_few(self.classes, 20)}")
+        return out
 
     def strata(self, table: pd.DataFrame) -> np.ndarray:
         """A 1-D label per row for stratified splitting (class index)."""
