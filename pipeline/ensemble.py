@@ -1,0 +1,489 @@
+"""Ensemble stage: blend the backbones' out-of-fold predictions, score them honestly, write submissions.
+
+Methods (config ``ensemble.methods``); ``P`` below is an array ``(models, rows, columns)`` of
+what the prediction columns hold (probabilities or regression values):
+
+* ``mean``: the plain average;
+* ``weighted``: non-negative weights summing to 1, fitted on OOF with SLSQP. The objective is
+  log loss (classification) or squared error (regression): the metric itself for ``log_loss``,
+  ``rmse`` and ``r2``, a smooth surrogate for the others (accuracy, roc_auc, f1_macro, qwk, mae),
+  which ``cv.json`` says under ``objective``;
+* ``rank``: per column, each model's predictions ranked, scaled to [0, 1] and averaged (for ranking
+  metrics such as roc_auc; for regression the ranks are mapped back onto the mean blend's values);
+* ``hill_climb``: Caruana et al. (2004) ensemble selection with replacement on the metric itself,
+  from the best single model; never worse than it on OOF;
+* ``stacking``: a meta-model (logistic regression on the models' logits, ridge regression on
+  their values) over the OOF predictions.
+
+Honest scores
+-------------
+``folds`` and ``oof`` in a method's ``cv.json`` score its ``oof.csv``. For ``weighted`` and
+``hill_climb`` that file is the blend learned on all OOF rows, so those scores are optimistic
+(``"oof_in_sample": true``). ``nested_cv`` is the honest number: for each fold, the
+weights/selection/meta-model are learned on the other folds' OOF rows only and scored on the
+held-out fold; ``nested_folds`` lists those scores. ``stacking``'s ``oof.csv`` is cross-fitted that
+way (a fold's meta-predictions come from a meta-model that never saw the fold), so for it ``oof`` is
+honest and ``nested_cv`` equals ``cv_mean``. ``mean`` and ``rank`` learn nothing: their
+``nested_cv`` is their ``cv_mean``. Test predictions of every method come from the fit on all OOF
+rows. (The base models' OOF predictions for one fold come from models that saw the other folds;
+that second-level effect is the usual, accepted one of stacking.)
+
+Example
+-------
+>>> P = np.array([[[0.2], [0.8]], [[0.4], [0.6]]])  # 2 models, 2 rows, 1 column
+>>> mean_blend(P)[:, 0].round(2).tolist()
+[0.3, 0.7]
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from scipy.stats import rankdata
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import precision_recall_curve
+
+from pipeline import artifacts
+from pipeline.config import BackboneConfig, Config
+from pipeline.data import read_csv, read_folds, require_columns, task_spec
+from pipeline.errors import PipelineError, first_few
+from pipeline.metrics import Metric, get_metric
+from pipeline.paths import Paths
+from pipeline.submit import write_submission
+from pipeline.tasks import TaskSpec
+
+EPS = 1e-7
+LEARNED = ("weighted", "hill_climb", "stacking")
+IN_SAMPLE = ("weighted", "hill_climb")  # oof.csv is the blend fitted on all OOF rows
+DIRECT_OBJECTIVES = ("log_loss", "rmse", "r2")  # minimising log loss / squared error optimises these
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Every available backbone's predictions, aligned with the folds file and the sample submission."""
+
+    spec: TaskSpec
+    metric: Metric
+    names: list[str]  # backbone names, in config order
+    ids: np.ndarray  # train ids, folds-file order
+    folds: np.ndarray  # fold of each train row
+    y: np.ndarray  # encoded targets (pipeline.tasks)
+    oof: np.ndarray  # (models, train rows, columns)
+    test_ids: np.ndarray  # sample-submission order
+    test: np.ndarray  # (models, test rows, columns)
+
+
+@dataclass
+class Blend:
+    """A fitted method: ``predict(P) -> (rows, columns)``, and what it learned (for ``cv.json``)."""
+
+    predict: Callable[[np.ndarray], np.ndarray]
+    info: dict
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def score(metric: Metric, task: str, y: np.ndarray, pred: np.ndarray) -> float:
+    """The metric on ``(rows, columns)`` predictions; NaN where undefined (one class in a fold)."""
+    pred = pred[:, 0] if task in ("binary", "regression") else pred
+    try:
+        return metric(y, pred, task)
+    except ValueError:
+        return float("nan")
+
+
+def fold_scores(metric: Metric, task: str, y: np.ndarray, pred: np.ndarray, folds: np.ndarray) -> list[float]:
+    return [score(metric, task, y[folds == k], pred[folds == k]) for k in np.unique(folds)]
+
+
+def best_index(scores, metric: Metric) -> int:
+    """Index of the best score in the metric's direction (NaN counts as worst)."""
+    values = np.where(np.isnan(scores), metric.worst, scores)
+    return int(np.argmax(values) if metric.greater_is_better else np.argmin(values))
+
+
+def surrogate_loss(y: np.ndarray, pred: np.ndarray, task: str) -> float:
+    """Log loss (classification) or mean squared error (regression) of ``(rows, columns)`` predictions."""
+    if task == "regression":
+        return float(np.mean((pred[:, 0] - y) ** 2))
+    p = np.clip(pred, EPS, 1 - EPS)
+    if task == "multiclass":
+        return float(-np.mean(np.log(p[np.arange(len(y)), y.astype(int)])))
+    y = y.reshape(len(y), -1)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+# ---------------------------------------------------------------------------- methods on arrays
+
+
+def mean_blend(P: np.ndarray) -> np.ndarray:
+    """The average over models of ``P`` ``(models, rows, columns)``."""
+    return P.mean(axis=0)
+
+
+def rank_blend(P: np.ndarray, task: str = "binary") -> np.ndarray:
+    """Per model and column, ranks scaled to [0, 1] (ties averaged), then averaged over models.
+
+    For regression the averaged ranks are mapped back onto the sorted values of the mean blend,
+    so the output keeps the target's scale and the rank blend's order.
+    """
+    n = P.shape[1]
+    out = ((rankdata(P, axis=1) - 1) / max(n - 1, 1)).mean(axis=0)
+    if task != "regression":
+        return out
+    order = np.argsort(out, axis=0, kind="stable")
+    remapped = np.empty_like(out)
+    np.put_along_axis(remapped, order, np.sort(mean_blend(P), axis=0), axis=0)
+    return remapped
+
+
+def fit_weights(P: np.ndarray, y: np.ndarray, task: str) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise :func:`surrogate_loss` of ``sum_i w_i P_i`` (SLSQP)."""
+    m = len(P)
+    uniform = np.full(m, 1.0 / m)
+    if m == 1:
+        return uniform
+
+    def loss(w):
+        return surrogate_loss(y, np.tensordot(w, P, axes=1), task)
+
+    result = minimize(loss, uniform, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                      constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}],
+                      options={"ftol": 1e-10, "maxiter": 500})
+    w = np.clip(result.x, 0.0, None)
+    w = w / w.sum() if w.sum() > 0 else uniform
+    return w if loss(w) <= loss(uniform) else uniform  # SLSQP failed to improve: keep the plain mean
+
+
+def hill_climb(P: np.ndarray, y: np.ndarray, metric: Metric, task: str, max_iter: int) -> list[int]:
+    """Caruana ensemble selection with replacement; returns the chosen model indices, in order.
+
+    Starts from the best single model and adds, one at a time, the model whose addition gives the
+    best metric of the running average; stops when no addition strictly improves it or after
+    ``max_iter`` additions. The result is never worse than the best single model on these rows.
+    """
+    singles = [score(metric, task, y, p) for p in P]
+    chosen = [best_index(singles, metric)]
+    total, current = P[chosen[0]].copy(), singles[chosen[0]]
+    for _ in range(max_iter):
+        candidates = [score(metric, task, y, (total + p) / (len(chosen) + 1)) for p in P]
+        i = best_index(candidates, metric)
+        if not metric.better(candidates[i], current):
+            break
+        chosen.append(i)
+        total += P[i]
+        current = candidates[i]
+    return chosen
+
+
+def stacking_features(P: np.ndarray, task: str, column: int | None = None) -> np.ndarray:
+    """Meta-features ``(rows, features)``: log-probabilities (multiclass), logits (binary,
+    multilabel: one label's ``column`` when given), or values (regression), per model."""
+    if task == "regression":
+        return P[:, :, 0].T
+    p = np.clip(P, EPS, 1 - EPS)
+    z = np.log(p) if task == "multiclass" else np.log(p) - np.log1p(-p)
+    if column is not None:
+        z = z[:, :, [column]]
+    return z.transpose(1, 0, 2).reshape(P.shape[1], -1)
+
+
+def _fit_classifier(X: np.ndarray, y: np.ndarray):
+    y = y.astype(int)
+    if len(np.unique(y)) < 2:  # a label absent from these rows: predict its prior
+        return DummyClassifier(strategy="prior").fit(X, y)
+    return LogisticRegression(C=1.0, max_iter=2000).fit(X, y)
+
+
+def _proba(model, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """``predict_proba`` spread into ``n_classes`` columns (classes absent from training get 0)."""
+    out = np.zeros((len(X), n_classes))
+    out[:, model.classes_.astype(int)] = model.predict_proba(X)
+    return out
+
+
+def _coefficients(model) -> dict:
+    coef = getattr(model, "coef_", None)
+    return {"coef": None if coef is None else np.round(coef, 6).tolist(),
+            "intercept": np.round(np.atleast_1d(getattr(model, "intercept_", [])), 6).tolist()}
+
+
+def fit_stacking(P: np.ndarray, y: np.ndarray, task: str) -> Blend:
+    """Logistic regression on logits (classification) or ridge regression on values (regression)."""
+    if task == "regression":
+        model = Ridge(alpha=1.0).fit(stacking_features(P, task), y)
+        return Blend(lambda Q: model.predict(stacking_features(Q, task))[:, None],
+                     {"meta_model": "Ridge(alpha=1.0) on each model's values", **_coefficients(model)})
+    about = "LogisticRegression(C=1.0) on each model's " + ("log-probabilities" if task == "multiclass" else "logits")
+    if task == "multilabel":
+        models = [_fit_classifier(stacking_features(P, task, j), y[:, j]) for j in range(P.shape[2])]
+        return Blend(lambda Q: np.column_stack([_proba(mj, stacking_features(Q, task, j), 2)[:, 1]
+                                                for j, mj in enumerate(models)]),
+                     {"meta_model": about + ", one model per label", "labels": [_coefficients(mj) for mj in models]})
+    model = _fit_classifier(stacking_features(P, task), y)
+    if task == "binary":
+        return Blend(lambda Q: _proba(model, stacking_features(Q, task), 2)[:, 1:], {"meta_model": about,
+                                                                                   **_coefficients(model)})
+    return Blend(lambda Q: _proba(model, stacking_features(Q, task), P.shape[2]),
+                 {"meta_model": about, **_coefficients(model)})
+
+
+def tune_thresholds(y: np.ndarray, pred: np.ndarray) -> list[float]:
+    """Per label, the probability threshold that maximises F1 on these rows (0.5 for a label
+    that is always or never present)."""
+    thresholds = []
+    for j in range(pred.shape[1]):
+        if len(np.unique(y[:, j])) < 2:
+            thresholds.append(0.5)
+            continue
+        precision, recall, cut = precision_recall_curve(y[:, j], pred[:, j])
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall + 1e-12))[:-1]
+        thresholds.append(float(cut[int(np.argmax(f1))]))
+    return thresholds
+
+
+# ---------------------------------------------------------------------------- fitting methods
+
+
+def _objective_note(metric: Metric, task: str) -> dict:
+    objective = "mse" if task == "regression" else "log_loss"
+    if metric.name in DIRECT_OBJECTIVES:
+        return {"objective": objective, "objective_note": f"minimises {objective}, which optimises {metric.name}"}
+    return {"objective": objective, "objective_note": f"{metric.name} is not differentiable in the weights: "
+                                                      f"the weights minimise {objective} on OOF as a surrogate"}
+
+
+def _weights_info(names: list[str], weights: np.ndarray) -> dict:
+    return {"weights": {n: round(float(w), 6) for n, w in zip(names, weights)}}
+
+
+def fit_method(method: str, P: np.ndarray, y: np.ndarray, inputs: Inputs, cfg: Config) -> Blend:
+    """Fit one ensemble method on predictions ``P`` and targets ``y`` of some train rows."""
+    task, names = inputs.spec.task, inputs.names
+    if method == "mean":
+        return Blend(mean_blend, _weights_info(names, np.full(len(names), 1 / len(names))))
+    if method == "rank":
+        return Blend(lambda Q: rank_blend(Q, task), {"weights": "equal, on ranks scaled to [0, 1]"})
+    if method == "weighted":
+        w = fit_weights(P, y, task)
+        return Blend(lambda Q: np.tensordot(w, Q, axes=1),
+                     {**_weights_info(names, w), **_objective_note(inputs.metric, task)})
+    if method == "hill_climb":
+        chosen = hill_climb(P, y, inputs.metric, task, cfg.ensemble.hill_climb_max_iter)
+        w = np.bincount(chosen, minlength=len(names)) / len(chosen)
+        return Blend(lambda Q: np.tensordot(w, Q, axes=1),
+                     {**_weights_info(names, w), "selection": [names[i] for i in chosen]})
+    if method == "stacking":
+        return fit_stacking(P, y, task)
+    raise PipelineError(f"'{method}' is not an ensemble method (config key ensemble.methods)")
+
+
+def fit_rows(method: str, inputs: Inputs, rows: np.ndarray, cfg: Config) -> Blend:
+    """Fit ``method`` on the OOF predictions and targets of train ``rows`` only."""
+    return fit_method(method, inputs.oof[:, rows], inputs.y[rows], inputs, cfg)
+
+
+def cross_fit(method: str, inputs: Inputs, cfg: Config) -> np.ndarray:
+    """Nested predictions: each fold's rows predicted by ``method`` fitted on the other folds only."""
+    out = np.empty_like(inputs.oof[0])
+    for k in np.unique(inputs.folds):
+        held_out = inputs.folds == k
+        blend = fit_rows(method, inputs, np.flatnonzero(~held_out), cfg)
+        out[held_out] = blend.predict(inputs.oof[:, held_out])
+    return out
+
+
+def _finite(x) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def run_method(method: str, inputs: Inputs, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict]:
+    """OOF predictions, test predictions and the ``cv.json`` of one method."""
+    task, metric = inputs.spec.task, inputs.metric
+    full = fit_rows(method, inputs, np.arange(len(inputs.y)), cfg)
+    nested = cross_fit(method, inputs, cfg) if method in LEARNED else None
+    oof = nested if method == "stacking" else full.predict(inputs.oof)
+    folds = fold_scores(metric, task, inputs.y, oof, inputs.folds)
+    nested_folds = fold_scores(metric, task, inputs.y, nested, inputs.folds) if nested is not None else folds
+    cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better,
+          "folds": [_finite(s) for s in folds], "oof": _finite(score(metric, task, inputs.y, oof)),
+          "cv_mean": _finite(np.nanmean(folds)), "cv_std": _finite(np.nanstd(folds)),
+          "nested_cv": _finite(np.nanmean(nested_folds)), "nested_folds": [_finite(s) for s in nested_folds],
+          "oof_in_sample": method in IN_SAMPLE, "models": inputs.names, **full.info,
+          "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if task == "multilabel":
+        cv["thresholds"] = dict(zip(inputs.spec.classes, tune_thresholds(inputs.y, oof)))
+    return oof, full.predict(inputs.test), cv
+
+
+# ---------------------------------------------------------------------------- reading inputs
+
+
+def available_backbones(cfg: Config) -> list[BackboneConfig]:
+    """Backbones whose ``oof.csv`` and ``test.csv`` exist; a note for each one skipped."""
+    paths, found = Paths(cfg), []
+    for b in cfg.backbones:
+        missing = [p for p in (paths.oof_csv(b.name), paths.test_csv(b.name)) if not p.exists()]
+        if missing:
+            print(f"ensemble: skipping {b.name}: {missing[0]} is missing (train it: make train-folds)")
+        else:
+            found.append(b)
+    if not found:
+        raise PipelineError(f"no backbone has OOF predictions yet (looked for {paths.oof_csv(cfg.backbones[0].name)} "
+                            f"and the like for {len(cfg.backbones)} backbones); run `make train-folds` first")
+    return found
+
+
+def _read_predictions(cfg: Config, spec: TaskSpec, path: Path, what: str) -> tuple[pd.DataFrame, np.ndarray]:
+    id_col = cfg.data.id_column
+    frame = read_csv(path, what, dtype={id_col: str})
+    require_columns(frame, [id_col], path, "data.id_column")
+    preds = spec.predictions_from_frame(frame, source=str(path)).reshape(len(frame), -1)
+    bad = ~np.isfinite(preds).all(axis=1)
+    if bad.any():
+        raise PipelineError(f"{path}: NaN or infinite predictions for ids {first_few(frame.loc[bad, id_col])}; "
+                            f"re-run `make train-folds ARGS=--force` for this backbone")
+    return frame, preds
+
+
+def read_oof(cfg: Config, spec: TaskSpec, name: str, folds: pd.DataFrame) -> np.ndarray:
+    """A backbone's OOF predictions ``(rows, columns)`` in the folds file's row order."""
+    path, id_col = Paths(cfg).oof_csv(name), cfg.data.id_column
+    frame, preds = _read_predictions(cfg, spec, path, "OOF predictions")
+    require_columns(frame, ["fold"], path, "OOF file contract: <id>, fold, prediction columns")
+    index = pd.Index(frame[id_col])
+    ids = folds[id_col].astype(str)
+    if index.has_duplicates or len(index) != len(ids) or not ids.isin(index).all():
+        missing = ids[~ids.isin(index)]
+        raise PipelineError(f"{path} does not hold every train row of {Paths(cfg).folds_csv} exactly once "
+                            f"({len(frame)} vs {len(ids)} rows; missing ids: {first_few(missing) or 'none'}); "
+                            f"re-run `make train-folds ARGS=--force`")
+    order = index.get_indexer(ids)
+    changed = frame["fold"].to_numpy(int)[order] != folds["fold"].to_numpy(int)
+    if changed.any():
+        raise PipelineError(f"{path} was trained on other folds than {Paths(cfg).folds_csv} (ids "
+                            f"{first_few(ids[changed])}); nested CV would leak: re-run `make train-folds ARGS=--force`")
+    return preds[order]
+
+
+def read_test(cfg: Config, spec: TaskSpec, name: str, sample_ids: np.ndarray) -> np.ndarray:
+    """A backbone's test predictions ``(rows, columns)``; ids must be the sample submission's, in order."""
+    path = Paths(cfg).test_csv(name)
+    frame, preds = _read_predictions(cfg, spec, path, "test predictions")
+    ids = frame[cfg.data.id_column].to_numpy(str)
+    if len(ids) != len(sample_ids) or (ids != sample_ids).any():
+        raise PipelineError(f"{path} does not list the sample submission's ids in its order "
+                            f"({len(ids)} vs {len(sample_ids)} rows); re-run `make train-folds ARGS=--force`")
+    return preds
+
+
+def load_inputs(cfg: Config, backbones: list[BackboneConfig]) -> Inputs:
+    paths, id_col = Paths(cfg), cfg.data.id_column
+    folds = read_folds(cfg)
+    spec = task_spec(cfg, folds)
+    sample_ids = read_csv(paths.sample_submission, "sample submission")[id_col].to_numpy(str)
+    names = [b.name for b in backbones]
+    return Inputs(spec=spec, metric=get_metric(cfg.metric, spec.task), names=names,
+                  ids=folds[id_col].to_numpy(str), folds=folds["fold"].to_numpy(int), y=spec.encode(folds),
+                  oof=np.stack([read_oof(cfg, spec, n, folds) for n in names]),
+                  test_ids=sample_ids, test=np.stack([read_test(cfg, spec, n, sample_ids) for n in names]))
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def _outputs(cfg: Config, backbones: list[BackboneConfig]) -> list[Path]:
+    paths = Paths(cfg)
+    outs = [paths.ensemble_method_dir(m) / f for m in cfg.ensemble.methods for f in ("oof.csv", "test.csv", "cv.json")]
+    outs += [paths.submission(m) for m in cfg.ensemble.methods]
+    if cfg.submission.per_backbone:
+        outs += [paths.submission(b.slug) for b in backbones] + [paths.ensemble_dir / "backbones.json"]
+    return outs
+
+
+def _digest(cfg: Config, backbones: list[BackboneConfig]) -> str:
+    paths = Paths(cfg)
+    files = [paths.folds_csv, paths.sample_submission]
+    files += [f for b in backbones for f in (paths.oof_csv(b.name), paths.test_csv(b.name))]
+    config_part = {"ensemble": dataclasses.asdict(cfg.ensemble), "submission": dataclasses.asdict(cfg.submission),
+                   "metric": cfg.metric, "data": dataclasses.asdict(cfg.data), "models": [b.name for b in backbones],
+                   "version": 1}
+    return artifacts.fingerprint(config_part, files)
+
+
+def write_method(cfg: Config, inputs: Inputs, method: str) -> dict:
+    """Fit one method; write its ``oof.csv``, ``test.csv``, ``cv.json`` and its submission."""
+    paths, spec, id_col = Paths(cfg), inputs.spec, cfg.data.id_column
+    oof, test, cv = run_method(method, inputs, cfg)
+    out = paths.ensemble_method_dir(method)
+    oof_frame = spec.predictions_frame(inputs.ids, oof, id_col)
+    oof_frame.insert(1, "fold", inputs.folds)
+    test_frame = spec.predictions_frame(inputs.test_ids, test, id_col)
+    artifacts.write_csv(out / "oof.csv", oof_frame)
+    artifacts.write_csv(out / "test.csv", test_frame)
+    artifacts.write_json(out / "cv.json", cv)
+    write_submission(cfg, spec, test_frame, paths.submission(method), thresholds=_threshold_list(spec, cv))
+    return cv
+
+
+def _threshold_list(spec: TaskSpec, cv: dict) -> list[float] | None:
+    return [cv["thresholds"][c] for c in spec.classes] if "thresholds" in cv else None
+
+
+def write_backbone_submissions(cfg: Config, inputs: Inputs, backbones: list[BackboneConfig]) -> Path:
+    """One submission per backbone; multilabel thresholds tuned on its OOF go to ``backbones.json``."""
+    paths, spec, id_col = Paths(cfg), inputs.spec, cfg.data.id_column
+    info = {}
+    for i, b in enumerate(backbones):
+        thresholds = tune_thresholds(inputs.y, inputs.oof[i]) if spec.task == "multilabel" else None
+        path = write_submission(cfg, spec, spec.predictions_frame(inputs.test_ids, inputs.test[i], id_col),
+                                paths.submission(b.slug), thresholds=thresholds)
+        info[b.name] = {"submission": str(path),
+                        "thresholds": dict(zip(spec.classes, thresholds)) if thresholds else None}
+    return artifacts.write_json(paths.ensemble_dir / "backbones.json", info)
+
+
+def _summary(inputs: Inputs, results: dict[str, dict]) -> str:
+    singles = [score(inputs.metric, inputs.spec.task, inputs.y, p) for p in inputs.oof]
+    best = best_index(singles, inputs.metric)
+    lines = [f"ensemble ({inputs.metric.name}, {'higher' if inputs.metric.greater_is_better else 'lower'} is better; "
+             f"best single model {inputs.names[best]}: OOF {singles[best]:.4f})"]
+    for method, cv in results.items():
+        fmt = lambda x: "nan" if x is None else f"{x:.4f}"  # noqa: E731
+        note = " (OOF in-sample; nested_cv is the honest score)" if cv["oof_in_sample"] else ""
+        lines.append(f"  {method:<11} OOF {fmt(cv['oof'])}  CV {fmt(cv['cv_mean'])} +- {fmt(cv['cv_std'])}  "
+                     f"nested_cv {fmt(cv['nested_cv'])}{note}")
+    return "\n".join(lines)
+
+
+def run_ensemble(cfg: Config, force: bool = False) -> Path:
+    """Blend every trained backbone with each of ``ensemble.methods``; write outputs and submissions.
+
+    Returns ``runs/<exp>/ensemble/``. Skipped when the backbones' OOF/test files, the folds file,
+    the sample submission and the ensemble/submission/metric config are unchanged (``force`` redoes it).
+    """
+    paths = Paths(cfg)
+    backbones = available_backbones(cfg)
+    outputs, digest = _outputs(cfg, backbones), _digest(cfg, backbones)
+    if not force and artifacts.is_up_to_date(outputs, digest):
+        print(f"ensemble: {paths.ensemble_dir} is up to date (use --force to redo)")
+        return paths.ensemble_dir
+    inputs = load_inputs(cfg, backbones)
+    if "rank" in cfg.ensemble.methods and inputs.metric.name != "roc_auc":
+        print(f"ensemble: note: rank averaging suits ranking metrics (roc_auc); {inputs.metric.name} "
+              f"scores its [0, 1] ranks as they are")
+    results = {m: write_method(cfg, inputs, m) for m in cfg.ensemble.methods}
+    if cfg.submission.per_backbone:
+        write_backbone_submissions(cfg, inputs, backbones)
+    artifacts.mark_done(outputs, digest)
+    print(_summary(inputs, results))
+    print(f"ensemble: wrote {paths.ensemble_dir} and submissions in {paths.submissions_dir}")
+    return paths.ensemble_dir
