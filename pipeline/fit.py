@@ -135,11 +135,12 @@ def make_loss(spec: TaskSpec, tcfg: TrainConfig) -> Callable[[torch.Tensor, torc
 # ---------------------------------------------------------------------------- optimizer
 
 
-def _decay_groups(named, lr_scale: float) -> list[dict]:
+def _decay_groups(named, lr_scale: float, is_head: bool) -> list[dict]:
     """Weight decay on weights only: biases and norm parameters (1-D) get none."""
     decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias"))]
-    groups = [{"params": decay, "lr_scale": lr_scale}, {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
+    groups = [{"params": decay, "lr_scale": lr_scale, "is_head": is_head},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale, "is_head": is_head}]
     return [g for g in groups if g["params"]]
 
 
@@ -149,14 +150,12 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, phase: PhaseConfig, fro
     scheduler keeps the ratio through warmup and decay."""
     backbone, head = split_parameters(model)
     if frozen:
-        groups = _decay_groups(head, 1.0)
+        groups = _decay_groups(head, 1.0, True)
     elif phase.layer_decay is not None:
         return create_optimizer_v2(model, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay,
                                    layer_decay=phase.layer_decay)
     else:
-        groups = _decay_groups(backbone, phase.backbone_lr_mult) + _decay_groups(head, 1.0)
-    for g in groups:
-        g.setdefault("is_head", g["lr_scale"] == 1.0)
+        groups = _decay_groups(backbone, phase.backbone_lr_mult, False) + _decay_groups(head, 1.0, True)
     # every group's base LR is the head LR; the scheduler applies each group's lr_scale
     return create_optimizer_v2(groups, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay)
 

@@ -269,6 +269,32 @@ class FoldTrainer:
                 break
         set_frozen(self.model, False)
 
+    def linear_probe_phase(self) -> None:
+        """LP-FT: fit the head to convergence on cached features (one history row, epoch 0)."""
+        from pipeline.probe import fit_linear_probe
+
+        head = self.model.get_classifier()
+        if not isinstance(head, nn.Linear):
+            raise PipelineError(f"train.linear_probe needs a plain Linear head; {self.job.bcfg.name} has "
+                                f"{type(head).__name__}. Set train.linear_probe=false")
+        set_frozen(self.model, True)
+        frozen_train_mode(self.model)
+        feats = self.frozen_features()
+        start = time.perf_counter()
+        tr, va = (torch.as_tensor(i, device=feats.device) for i in (self.train_idx, self.valid_idx))
+        weight, bias, strength, _ = fit_linear_probe(self.job.spec, self.metric, feats[tr], self.y[self.train_idx],
+                                                     feats[va], self.y[self.valid_idx])
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+            train_loss = float(self.loss_fn(head(feats[tr]).float(), self.y_t[self.train_idx].to(feats.device)))
+            valid_logits = head(feats[va]).float().cpu()
+        seconds = time.perf_counter() - start
+        self.notes.append(f"linear probe: C={strength:g} chosen on the validation rows, fitted in {seconds:.1f} s")
+        stats = {"train_loss": train_loss, "seconds": seconds, "images_per_s": len(tr) / max(seconds, 1e-9)}
+        self._end_epoch(0, "frozen", {"lr_head": float("nan"), "lr_backbone": 0.0}, stats, valid_logits, None)
+        set_frozen(self.model, False)
+
     def _head_loss(self, head: nn.Module, feats: torch.Tensor, y: torch.Tensor):
         with self.rt.autocast():
             return self.loss_fn(head(feats), y), len(y)
@@ -392,12 +418,15 @@ class FoldTrainer:
     # ------------------------------------------------------------------ the fold
     def run(self) -> FoldResult:
         train = self.tcfg
-        n_frozen, n_unfrozen = train.frozen.epochs, train.unfrozen.epochs
+        n_frozen, n_unfrozen = (1 if train.linear_probe else train.frozen.epochs), train.unfrozen.epochs
         self._resume()
         start = self.state["epoch"] + 1
         if self.fold_dir is not None and start > 0 and start >= n_frozen:  # frozen phase already done
             checkpoints.load_resume(self.fold_dir / "resume.safetensors", self.model, None)
-        if start < n_frozen:
+        if start < n_frozen and train.linear_probe:
+            self.linear_probe_phase()
+            start = self.state["epoch"] + 1
+        elif start < n_frozen:
             self.frozen_phase(train.frozen, start)
             start = self.state["epoch"] + 1
         if n_unfrozen > 0 and start < n_frozen + n_unfrozen and not self._stopped_early():

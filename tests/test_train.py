@@ -109,6 +109,8 @@ def test_every_task_trains_end_to_end_and_meets_the_file_contracts(make_config, 
         assert list(history.columns) == ["epoch", "phase", "lr_head", "lr_backbone", "train_loss", "valid_loss",
                                          f"valid_{metric}", "seconds", "images_per_s"]
         assert history["phase"].tolist() == ["frozen", "unfrozen"]
+        unfrozen = history[history.phase == "unfrozen"]
+        assert (unfrozen["lr_backbone"] > 0).all() and (unfrozen["lr_head"] > 0).all()
         assert (fold_dir / "best.safetensors").exists()
         fold_oof = pd.read_csv(fold_dir / "oof.csv", dtype={id_col: str})
         assert set(fold_oof[id_col]) == set(table.loc[table.fold == k, id_col])
@@ -238,3 +240,17 @@ def test_an_image_that_breaks_during_training_names_the_file(make_config, tmp_pa
     broken.write_bytes(b"this is not a png")
     with pytest.raises(PipelineError, match=broken.name):
         run_train(cfg)
+
+
+def test_linear_probe_fits_the_head_on_cached_features_before_fine_tuning(make_config):
+    cfg = make_config(*FAST, "train.linear_probe=true", "train.frozen.epochs=3", "train.unfrozen.epochs=1")
+    trainer = FoldTrainer(_job(cfg))
+    before = _state(trainer.model)
+    result = trainer.run()
+    phases = [row["phase"] for row in result.history]
+    assert phases == ["frozen", "unfrozen"]  # the probe is one frozen "epoch", whatever frozen.epochs says
+    probe = result.history[0]
+    assert np.isfinite(probe["valid_loss"]) and probe["valid_accuracy"] > 0.3  # far above chance (0.1)
+    assert any("linear probe: C=" in note for note in result.notes)
+    head = {n for n, _ in split_parameters(trainer.model)[1]}
+    assert all(not torch.equal(trainer.model.state_dict()[n], before[n]) for n in head)
