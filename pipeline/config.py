@@ -209,9 +209,9 @@ class TuneConfig:
 class EnsembleConfig:
     methods: list[str] = field(default_factory=lambda: ["mean", "weighted", "hill_climb"])
     hill_climb_max_iter: int = 50
-    stacking_model: str = "auto"  # auto: logistic / ridge regression
 
     def validate(self, key: str) -> None:
+        _check(self.hill_climb_max_iter >= 1, f"{key}.hill_climb_max_iter", "must be at least 1")
         for m in self.methods:
             _check(m in ENSEMBLE_METHODS, f"{key}.methods", f"'{m}' is not a method; valid: {', '.join(ENSEMBLE_METHODS)}")
 
@@ -253,6 +253,9 @@ class Config:
         _check(len(self.backbones) >= 1, "backbones", "list at least one backbone")
         slugs = [b.slug for b in self.backbones]
         _check(len(set(slugs)) == len(slugs), "backbones", f"backbone names must be unique, got {slugs}")
+        clash = set(slugs) & set(ENSEMBLE_METHODS)
+        _check(not clash, "backbones", f"{sorted(clash)} is also an ensemble method name; their submission "
+                                       f"files would collide")
         for i, b in enumerate(self.backbones):
             b.validate(f"backbones[{i}]")
         self.train.validate("train")

@@ -45,8 +45,7 @@ def hard_labels(y_pred: np.ndarray, task: str, threshold: float = 0.5) -> np.nda
 
 
 def _accuracy(y, p, task):
-    if task == "multilabel":  # exact-match ratio per sample
-        return skm.accuracy_score(y, hard_labels(p, task))
+    """Share of rows predicted exactly (for multilabel: every label of the row right)."""
     return skm.accuracy_score(y, hard_labels(p, task))
 
 

@@ -282,15 +282,16 @@ class FoldTrainer:
         feats = self.frozen_features()
         start = time.perf_counter()
         tr, va = (torch.as_tensor(i, device=feats.device) for i in (self.train_idx, self.valid_idx))
-        weight, bias, strength, _ = fit_linear_probe(self.job.spec, self.metric, feats[tr], self.y[self.train_idx],
-                                                     feats[va], self.y[self.valid_idx])
+        weight, bias, strength, _ = fit_linear_probe(self.job.spec, self.metric, self.loss_fn, feats[tr],
+                                                     self.y_t[self.train_idx].to(feats.device), feats[va],
+                                                     self.y[self.valid_idx])
         with torch.no_grad():
             head.weight.copy_(weight)
             head.bias.copy_(bias)
             train_loss = float(self.loss_fn(head(feats[tr]).float(), self.y_t[self.train_idx].to(feats.device)))
             valid_logits = head(feats[va]).float().cpu()
         seconds = time.perf_counter() - start
-        self.notes.append(f"linear probe: C={strength:g} chosen on the validation rows, fitted in {seconds:.1f} s")
+        self.notes.append(f"linear probe: L2 {strength:g} chosen on the validation rows, fitted in {seconds:.1f} s")
         stats = {"train_loss": train_loss, "seconds": seconds, "images_per_s": len(tr) / max(seconds, 1e-9)}
         self._end_epoch(0, "frozen", {"lr_head": float("nan"), "lr_backbone": 0.0}, stats, valid_logits, None)
         set_frozen(self.model, False)
@@ -520,9 +521,10 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
     preds = spec.predictions_from_frame(oof)
     fold_scores = [score(metric, spec, y[table["fold"].to_numpy() == k], preds[table["fold"].to_numpy() == k])
                    for k in range(n)]
-    cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better, "folds": fold_scores,
-          "oof": score(metric, spec, y, preds), "cv_mean": float(np.nanmean(fold_scores)),
-          "cv_std": float(np.nanstd(fold_scores))}
+    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731  (JSON has no NaN)
+    cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better,
+          "folds": [finite(v) for v in fold_scores], "oof": finite(score(metric, spec, y, preds)),
+          "cv_mean": finite(np.nanmean(fold_scores)), "cv_std": finite(np.nanstd(fold_scores))}
     artifacts.write_csv(paths.oof_csv(bcfg.name), oof)
     artifacts.write_csv(paths.test_csv(bcfg.name), test_frame)
     artifacts.write_json(paths.cv_json(bcfg.name), cv)
@@ -566,7 +568,8 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
                 distributed.barrier()
         if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
             cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test)
-            print(f"{bcfg.name}: CV {cv['metric']} {cv['cv_mean']:.4f} +- {cv['cv_std']:.4f}, OOF {cv['oof']:.4f} "
+            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            print(f"{bcfg.name}: CV {cv['metric']} {fmt(cv['cv_mean'])} +- {fmt(cv['cv_std'])}, OOF {fmt(cv['oof'])} "
                   f"-> {paths.cv_json(bcfg.name)}")
     return paths.exp_dir
 

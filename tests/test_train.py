@@ -251,6 +251,6 @@ def test_linear_probe_fits_the_head_on_cached_features_before_fine_tuning(make_c
     assert phases == ["frozen", "unfrozen"]  # the probe is one frozen "epoch", whatever frozen.epochs says
     probe = result.history[0]
     assert np.isfinite(probe["valid_loss"]) and probe["valid_accuracy"] > 0.3  # far above chance (0.1)
-    assert any("linear probe: C=" in note for note in result.notes)
+    assert any("linear probe: L2" in note for note in result.notes)
     head = {n for n, _ in split_parameters(trainer.model)[1]}
     assert all(not torch.equal(trainer.model.state_dict()[n], before[n]) for n in head)
