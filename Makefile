@@ -54,6 +54,7 @@ bench: .venv/.installed ## throughput/memory benchmarks as ratios -> BENCHMARKS.
 	$(RUN) bench -c $(CONFIG) $(ARGS)
 
 demo: .venv/.installed ## the whole pipeline on the digits demo data
+	@mkdir -p runs && date +%s > runs/.demo_started
 	$(RUN) demo-data
 	$(RUN) folds -c $(CONFIG) $(ARGS)
 	$(RUN) tune -c $(CONFIG) $(ARGS)
@@ -61,6 +62,9 @@ demo: .venv/.installed ## the whole pipeline on the digits demo data
 	$(RUN) ensemble -c $(CONFIG) $(ARGS)
 	$(RUN) leaderboard -c $(CONFIG) $(ARGS)
 	$(RUN) score -c $(CONFIG) --file submissions/demo-hill_climb.csv --solution data/digits/solution.csv $(ARGS)
+	@$(PYTHON) -c "import json, time; s = int(open('runs/.demo_started').read()); \
+	json.dump({'seconds': time.time() - s}, open('runs/demo_wall_time.json', 'w')); \
+	print(f'make demo: {(time.time() - s) / 60:.1f} min end to end')"
 
 test: .venv/.installed ## run the test suite (CPU, offline)
 	$(PYTHON) -m pytest -q
