@@ -1,0 +1,293 @@
+"""Tune stage: a pruned Optuna study hands its LRs to train, resumes, shares a study between
+worker processes, and refuses bad input without writing anything.
+
+CPU, timm's tiny ``test_efficientnet`` (``weights: none``, 32 px) on the shared digits data. Most
+studies are frozen-only (``tune.unfrozen_epochs=0``): the frozen phase trains the head on cached
+features, so a trial costs a fraction of a second.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from pipeline import artifacts
+from pipeline import tune as tune_mod
+from pipeline.cli import main
+from pipeline.config import dump_config
+from pipeline.errors import PipelineError
+from pipeline.folds import run_folds
+from pipeline.paths import Paths
+from pipeline.train import apply_tuned
+from pipeline.tune import FINISHED, run_tune, storage_url, study_name
+
+FAST = ["train.num_workers=0", "augment.train=[]"]
+FROZEN_ONLY = [*FAST, "tune.frozen_epochs=1", "tune.unfrozen_epochs=0"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine two OpenMP threads spin against each other and
+    a tiny model's step takes seconds instead of milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _study(cfg) -> optuna.Study:
+    bcfg = cfg.backbones[0]
+    return optuna.load_study(study_name=study_name(cfg, bcfg), storage=storage_url(cfg, bcfg))
+
+
+def _tune_dir(cfg):
+    return Paths(cfg).tune_dir(cfg.backbones[0].name)
+
+
+def test_pruned_study_writes_best_json_that_train_uses(make_config):
+    cfg = make_config(*FAST, "tune.trials=4", "tune.frozen_epochs=1", "tune.unfrozen_epochs=2", "tune.pruner=median")
+    run_folds(cfg)
+    out = run_tune(cfg)
+
+    bcfg = cfg.backbones[0]
+    best_path = Paths(cfg).tuned_params(bcfg.name)
+    assert out == best_path.parent
+    best = artifacts.read_json(best_path)
+    assert set(best["params"]) == {"frozen_lr", "unfrozen_lr", "backbone_lr_mult"}
+    for name, value in best["params"].items():
+        low, high = getattr(cfg.tune, name)
+        assert low <= value <= high
+    assert best["metric"] == "accuracy" and 0 <= best["value"] <= 1
+    assert best["trials"] == 4 and best["study"] == "demo-test_efficientnet"
+    assert best["storage"].startswith("sqlite:///") and best["storage"].endswith("tune/study.db")
+
+    study = _study(cfg)
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state in FINISHED for t in trials)
+    assert best["pruned"] == sum(t.state == TrialState.PRUNED for t in trials)
+    assert best["value"] == pytest.approx(study.best_value)
+    assert trials[0].user_attrs.get("config_params") and trials[0].params == {  # the config's own LRs first
+        "frozen_lr": cfg.train.frozen.lr, "unfrozen_lr": cfg.train.unfrozen.lr,
+        "backbone_lr_mult": cfg.train.unfrozen.backbone_lr_mult}
+    for t in trials:  # one report per epoch, steps 0..2; pruned after an unfrozen epoch, never the last
+        assert set(t.intermediate_values) <= {0, 1, 2} and 0 in t.intermediate_values
+        assert t.user_attrs["epochs"] == len(t.intermediate_values)
+        assert t.user_attrs["epochs"] == (2 if t.state == TrialState.PRUNED else 3)
+
+    frame = pd.read_csv(out / "trials.csv")
+    assert len(frame) == 4 and {"number", "state", "value", "params_frozen_lr"} <= set(frame.columns)
+    for png in ("optimization_history.png", "intermediate_values.png", "lr_vs_score.png"):
+        assert (out / png).stat().st_size > 1000, png
+    yaml.safe_load((out / "config.yaml").read_text())
+
+    tuned_cfg, source = apply_tuned(cfg, bcfg)  # train.use_tuned: auto and best.json exists
+    assert source["lr_source"] == str(best_path)
+    assert tuned_cfg.train.frozen.lr == best["params"]["frozen_lr"]
+    assert tuned_cfg.train.unfrozen.lr == best["params"]["unfrozen_lr"]
+    assert tuned_cfg.train.unfrozen.backbone_lr_mult == best["params"]["backbone_lr_mult"]
+
+
+def test_rerun_continues_the_same_study(make_config, capsys):
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=2", "tune.weight_decay=[1e-4,1e-1]")
+    run_folds(cfg)
+    run_tune(cfg)
+    first = [(t.number, t.state, t.value, t.params) for t in _study(cfg).get_trials()]
+    assert len(first) == 2 and set(first[0][3]) == {"frozen_lr", "weight_decay"}
+
+    cfg4 = make_config(*FROZEN_ONLY, "tune.trials=4", "tune.weight_decay=[1e-4,1e-1]")
+    run_tune(cfg4)
+    trials = _study(cfg4).get_trials()
+    assert [(t.number, t.state, t.value, t.params) for t in trials[:2]] == first
+    assert len(trials) == 4 and all(t.state in FINISHED for t in trials)
+    assert trials[2].params != trials[0].params and trials[3].params != trials[1].params  # new draws, not replays
+    assert artifacts.read_json(Paths(cfg4).tuned_params("test_efficientnet"))["trials"] == 4
+
+    capsys.readouterr()
+    run_tune(cfg4)  # target reached, report current: nothing to do
+    assert "skipped" in capsys.readouterr().out
+    assert len(_study(cfg4).get_trials()) == 4
+
+
+def test_two_workers_share_one_study(make_config, monkeypatch):
+    """The parent's first trial waits until the worker process has started one, so both run
+    trials at the same time; the study still ends with exactly tune.trials finished trials."""
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=6", "tune.pruner=none")
+    run_folds(cfg)
+    real_train_fold, waited = tune_mod.train_fold, []
+
+    def train_fold_after_the_worker_joined(job):
+        deadline = time.time() + 120
+        while not waited and time.time() < deadline:
+            pids = {t.user_attrs.get("pid") for t in _study(cfg).get_trials(deepcopy=False)}
+            if pids - {None, os.getpid()}:
+                break
+            time.sleep(0.2)
+        waited.append(True)
+        return real_train_fold(job)
+
+    monkeypatch.setattr(tune_mod, "train_fold", train_fold_after_the_worker_joined)
+    run_tune(cfg, workers=2)
+
+    trials = _study(cfg).get_trials()
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(finished) == 6
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(trials)))
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
+    assert len({t.user_attrs["pid"] for t in finished}) == 2, "both processes ran trials"
+    assert artifacts.read_json(Paths(cfg).tuned_params("test_efficientnet"))["trials"] == 6
+    assert (_tune_dir(cfg) / "worker1.log").exists()
+
+
+def test_steps_of_different_folds_do_not_collide(make_config):
+    cfg = make_config(*FAST, "tune.trials=2", "tune.folds=[0,2]", "tune.frozen_epochs=2", "tune.unfrozen_epochs=0")
+    run_folds(cfg)
+    run_tune(cfg)
+    for t in _study(cfg).get_trials():
+        assert sorted(t.intermediate_values) == [0, 1, 2, 3]  # fold position x 2 epochs + epoch
+
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=2", "tune.folds=[0,1,2]", "tune.pruner=wilcoxon",
+                      "runs_dir=" + str(Paths(cfg).exp_dir.parent / "wilcoxon"))
+    run_tune(cfg)
+    for t in _study(cfg).get_trials():
+        assert sorted(t.intermediate_values) == [0, 1, 2]  # one value per fold, step = fold
+        assert t.value == pytest.approx(sum(t.intermediate_values.values()) / 3)
+
+
+def test_failed_trials_do_not_count_and_bad_input_stops_at_once(make_config, monkeypatch):
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=2")
+    run_folds(cfg)
+    real_train_fold, calls = tune_mod.train_fold, []
+
+    def crash_once(job):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_train_fold(job)
+
+    monkeypatch.setattr(tune_mod, "train_fold", crash_once)
+    run_tune(cfg)
+    trials = _study(cfg).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "out of memory" in trials[0].user_attrs["error"]
+    assert artifacts.read_json(Paths(cfg).tuned_params("test_efficientnet"))["trials"] == 2
+
+    def always_crash(job):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(tune_mod, "train_fold", always_crash)
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=4")
+    with pytest.raises(PipelineError, match="3 trials in a row failed.*broken"):
+        run_tune(cfg)
+
+    def bad_input(job):
+        raise PipelineError("image x.png cannot be read")
+
+    monkeypatch.setattr(tune_mod, "train_fold", bad_input)
+    n_before = len(_study(cfg).get_trials())
+    with pytest.raises(PipelineError, match="cannot be read"):
+        run_tune(cfg)
+    assert len(_study(cfg).get_trials()) == n_before + 1  # no second trial after bad input
+
+
+def test_a_killed_run_leaves_no_trial_running(make_config):
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=2")
+    run_folds(cfg)
+    run_tune(make_config(*FROZEN_ONLY, "tune.trials=1"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = _study(cfg)
+    zombie = study.ask()  # as a process killed mid-trial leaves it
+    zombie.set_user_attr("host", __import__("socket").gethostname())
+    zombie.set_user_attr("pid", dead.pid)
+    run_tune(cfg)
+    trials = _study(cfg).get_trials()
+    assert trials[zombie.number].state == TrialState.FAIL
+    assert sum(t.state in FINISHED for t in trials) == 2
+
+
+def test_changed_objective_is_an_error_and_force_starts_over(make_config):
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=1")
+    run_folds(cfg)
+    run_tune(cfg)
+    changed = make_config(*FAST, "tune.trials=1", "tune.frozen_epochs=2", "tune.unfrozen_epochs=0")
+    with pytest.raises(PipelineError, match="tune.frozen_epochs.*--force"):
+        run_tune(changed)
+    run_tune(changed, force=True)
+    trials = _study(changed).get_trials()
+    assert len(trials) == 1 and sorted(trials[0].intermediate_values) == [0, 1]
+
+
+@pytest.mark.parametrize("words, key", [
+    (["tune.trials=0"], "tune.trials"),
+    (["tune.frozen_lr=[]"], "tune.frozen_lr"),
+    (["tune.unfrozen_lr=[1e-2,1e-4]"], "tune.unfrozen_lr"),
+    (["tune.backbone_lr_mult=[0,1]"], "tune.backbone_lr_mult"),
+    (["tune.weight_decay=[1e-2]"], "tune.weight_decay"),
+    (["tune.pruner=sometimes"], "tune.pruner"),
+    (["tune.sampler=grid"], "tune.sampler"),
+])
+def test_bad_config_is_refused_by_the_config(make_config, words, key):
+    with pytest.raises(PipelineError, match=key.replace(".", r"\.")):
+        make_config(*words)
+
+
+@pytest.mark.parametrize("words, match", [
+    (["tune.storage=postgresql://nobody@127.0.0.1:1/x"], r"tune\.storage.*postgresql://nobody@127\.0\.0\.1:1/x"),
+    (["tune.storage=not-a-url"], r"tune\.storage"),
+    (["tune.folds=[3]"], r"tune\.folds"),
+    (["tune.frozen_epochs=0", "tune.unfrozen_epochs=0"], r"tune\.frozen_epochs"),
+])
+def test_bad_input_writes_nothing(make_config, words, match):
+    cfg = make_config(*FAST, *words)
+    run_folds(cfg)
+    with pytest.raises(PipelineError, match=match):
+        run_tune(cfg)
+    assert not Paths(cfg).exp_dir.exists()
+
+
+def test_cli_reports_an_unreachable_storage_without_a_traceback(make_config, tmp_path, capsys):
+    cfg = make_config(*FAST)
+    run_folds(cfg)
+    path = tmp_path / "exp.yaml"
+    path.write_text(dump_config(cfg))
+    assert main(["tune", "-c", str(path), "tune.storage=postgresql://nobody@127.0.0.1:1/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "tune.storage" in err and "Traceback" not in err
+    assert not Paths(cfg).exp_dir.exists()
+
+
+def test_pruning_summary_counts_saved_epochs_and_seconds():
+    start = datetime.datetime(2025, 1, 1)
+
+    def trial(number, state, seconds, epochs):
+        return optuna.trial.FrozenTrial(number, state, 0.5 if state == TrialState.COMPLETE else None, start,
+                                        start + datetime.timedelta(seconds=seconds), {}, {},
+                                        {"epochs": epochs, "budget_epochs": 4}, {}, {0: 0.1}, number)
+
+    trials = [trial(0, TrialState.COMPLETE, 10.0, 4), trial(1, TrialState.COMPLETE, 12.0, 4),
+              trial(2, TrialState.PRUNED, 2.0, 1), trial(3, TrialState.FAIL, 1.0, 0)]
+    saving = tune_mod.pruning_saving(trials)
+    assert saving["pruned"] == 1 and saving["epochs_saved"] == 3 and saving["epochs_budget"] == 12
+    assert saving["seconds_full_trial"] == pytest.approx(11.0) and saving["seconds_saved"] == pytest.approx(9.0)
+    assert saving["fraction_saved"] == pytest.approx(9.0 / 33.0)
+
+
+def test_linear_probe_has_no_frozen_lr_to_tune(make_config):
+    cfg = make_config(*FAST, "train.linear_probe=true", "tune.trials=1", "tune.frozen_epochs=3",
+                      "tune.unfrozen_epochs=1")
+    run_folds(cfg)
+    run_tune(cfg)
+    trial = _study(cfg).get_trials()[0]
+    assert set(trial.params) == {"unfrozen_lr", "backbone_lr_mult"}
+    assert sorted(trial.intermediate_values) == [0, 1]  # the probe (epoch 0), then one unfrozen epoch
