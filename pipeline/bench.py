@@ -162,7 +162,33 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
-def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md") -> Path:
+SECTIONS = ("speed", "tune", "lpft")
+
+
+def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
+              sections: tuple[str, ...] = SECTIONS) -> Path:
+    """The speed table (always with ``--quick``, which runs only it), then the quality sections."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        from pipeline.errors import PipelineError
+        raise PipelineError(f"--sections: unknown {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    path = Path(output)
+    if quick or "speed" in sections:
+        path = bench_speed(cfg, quick, output)
+    if quick:
+        return path
+    from pipeline import bench_quality
+    titles = {"tune": "Tuned vs default learning rates", "lpft": "LP-FT: linear probe before fine-tuning"}
+    for name in ("tune", "lpft"):
+        if name in sections:
+            body = bench_quality.bench_tune(cfg) if name == "tune" else bench_quality.bench_lpft(cfg)
+            print(body)
+            _write_section(path, name, f"## {titles[name]}: `make bench ARGS=\"--sections {name}\"` on {machine()}, "
+                                       f"{time.strftime('%Y-%m-%d')}\n\n{body}")
+    return path
+
+
+def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
     cuda = torch.cuda.is_available()
     name = "test_efficientnet" if quick else "efficientnet_lite0"
     size, batch = (32, 16) if quick else (128, 32)
@@ -217,11 +243,19 @@ def _report(rows, output: str, quick: bool) -> Path:
     table = header + "\n".join(lines) + "\n"
     print(table)
     command = "make bench" + (" ARGS=--quick" if quick else "")
-    text = (f"## `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
     path = Path(output)
-    previous = path.read_text() if path.exists() else "# Benchmarks\n\nRatios measured side by side in one run.\n\n"
-    marker = "<!-- bench -->"
-    if marker in previous:
-        previous = previous.split(marker)[0]
-    artifacts.write_text(path, previous.rstrip() + f"\n\n{marker}\n" + text)
+    _write_section(path, "speed", f"## Speed: `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{table}")
     return path
+
+
+def _write_section(path: Path, name: str, text: str) -> None:
+    """Replace (or append) one section of BENCHMARKS.md, between its markers, leaving the rest."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    previous = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured, with the command that reproduces each table.\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in previous and end in previous:
+        head, rest = previous.split(start, 1)
+        updated = head + block + rest.split(end, 1)[1]
+    else:
+        updated = previous.rstrip() + "\n\n" + block + "\n"
+    artifacts.write_text(path, updated)

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--quick", action="store_true", help="smaller sizes (for a smoke run)")
     p.add_argument("--output", default="BENCHMARKS.md")
+    p.add_argument("--sections", default="speed,tune,lpft",
+                   help="comma-separated: speed (ratios), tune (tuned vs default LRs), lpft (linear probe)")
     return parser
 
 
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> Path | None:
         return run_score(cfg, args.file, args.solution)
     if args.command == "bench":
         from pipeline.bench import run_bench
-        return run_bench(cfg, quick=args.quick, output=args.output)
+        return run_bench(cfg, quick=args.quick, output=args.output,
+                         sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()))
     raise PipelineError(f"unknown command {args.command}")
 
 

@@ -98,3 +98,23 @@ def test_bench_quick_prints_every_ratio_with_its_goal(make_config, tmp_path, cap
                 "peak RSS"):
         assert row in printed and row in out.read_text()
     assert ">= 0.9" in printed and "<= 1.2" in printed and ">= 10" in printed
+
+
+def test_quality_benches_write_their_sections_and_keep_the_others(make_config, tmp_path, capsys):
+    from pipeline import bench, bench_quality
+
+    cfg = make_config(*FAST)
+    tune_md = bench_quality.bench_tune(cfg, trials=3, eval_folds=(1,))
+    for label in ("pipeline defaults", "experiment config", "Optuna best"):
+        assert f"| {label} |" in tune_md
+    assert "Pruning stopped" in tune_md and "3 trials" in tune_md
+    lpft_md = bench_quality.bench_lpft(cfg, folds=(0,))
+    assert "linear probe" in lpft_md and lpft_md.count("| mean |") == 2
+
+    out = tmp_path / "BENCHMARKS.md"
+    bench._write_section(out, "tune", "## tune\n\nfirst")
+    bench._write_section(out, "speed", "## speed\n\ntable")
+    bench._write_section(out, "tune", "## tune\n\nsecond")
+    text = out.read_text()
+    assert "second" in text and "first" not in text and "table" in text
+    assert text.index("## tune") < text.index("## speed")  # a section keeps its place
