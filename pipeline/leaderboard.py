@@ -9,7 +9,8 @@ good models is what makes an ensemble gain).
 
 Columns: ``experiment, model, kind (backbone|ensemble), metric, cv_mean, cv_std, oof, nested_cv
 (ensembles: the honest score of what the ensemble learned), public_lb (when known), submission
-(its CSV, when it exists), created_at``; this experiment's rows sorted by ``oof`` in the metric's
+(its CSV, when it exists), created_at, lrs`` (backbones: the learning rates they trained with and
+their source, ``tuned`` or ``config``, from ``lr_source.json``); this experiment's rows sorted by ``oof`` in the metric's
 direction.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.metrics import get_metric
 from pipeline.paths import Paths
 
 COLUMNS = ["experiment", "model", "kind", "metric", "cv_mean", "cv_std", "oof", "nested_cv", "public_lb",
-           "submission", "created_at"]
+           "submission", "created_at", "lrs"]
 LOG_COLUMNS = ["created_at", "experiment", "competition", "file", "message", "status", "public_lb", "private_lb"]
 LOG_SCORES = ("public_lb", "private_lb")
 
@@ -84,6 +85,19 @@ def _created_at(cv: dict, path: Path) -> str:
     return str(cv.get("created_at") or stamp)
 
 
+def lr_note(backbone_dir: Path) -> str:
+    """``tuned: frozen 1e-02, unfrozen 2e-03, backbone x0.5`` from the backbone's ``lr_source.json``."""
+    path = backbone_dir / "lr_source.json"
+    if not path.exists():
+        return ""
+    src = artifacts.read_json(path)
+    origin = "config" if src.get("lr_source", "config") == "config" else "tuned"
+    parts = [f"frozen {src['frozen_lr']:.0e}" if "frozen_lr" in src else "",
+             f"unfrozen {src['unfrozen_lr']:.0e}" if "unfrozen_lr" in src else "",
+             f"backbone x{src['backbone_lr_mult']:.2g}" if "backbone_lr_mult" in src else ""]
+    return f"{origin}: " + ", ".join(p for p in parts if p)
+
+
 def _stats(scores: list[float]) -> tuple[float, float]:
     finite = [s for s in scores if np.isfinite(s)]
     return (float(np.mean(finite)), float(np.std(finite))) if finite else (float("nan"), float("nan"))
@@ -112,7 +126,8 @@ def collect(cfg: Config) -> tuple[pd.DataFrame, dict[str, list[float]], dict[str
                      "nested_cv": _number(cv.get("nested_cv")) if kind == "ensemble" else float("nan"),
                      "public_lb": public_score(log, submission),
                      "submission": str(submission) if submission.exists() else "",
-                     "created_at": _created_at(cv, cv_path)})
+                     "created_at": _created_at(cv, cv_path),
+                     "lrs": lr_note(cv_path.parent) if kind == "backbone" else ""})
         folds[model], oofs[model] = cv["folds"], oof
     if not rows:
         raise PipelineError(f"no cv.json for experiment '{cfg.name}' under {Paths(cfg).exp_dir}; "

@@ -3,10 +3,12 @@
 A trial trains ``tune.folds`` (default fold 0) with the train stage's own fold trainer
 (:class:`pipeline.train.FoldJob` with ``out_dir=None``) on a short budget
 (``tune.frozen_epochs`` / ``tune.unfrozen_epochs`` instead of ``train.*.epochs``) and scores the
-competition metric. It reports after every epoch, so the pruner stops bad trials early (when the
-budget has unfrozen epochs, only those are judged: the frozen phase's score reflects the head LR
-alone and costs milliseconds on cached features, so pruning there would judge the unfrozen LRs
-unseen and save little; a trial's last epoch is never pruned either: that saves nothing). The
+competition metric. It reports after every epoch, so the pruner stops bad trials early. When the
+budget has unfrozen epochs, only those are reported (step = fold position x unfrozen epochs +
+unfrozen epoch): the frozen phase's score reflects the head LR alone and costs milliseconds on
+cached features, and Optuna's median pruner compares a trial's *best* reported value, which a
+good frozen-phase score would inflate so that no unfrozen LR is ever pruned. A trial's last
+epoch is never pruned: that saves nothing. The
 search space is log-uniform within the ``tune:`` bounds: the head LR of the frozen phase
 (``frozen_lr``; none with ``train.linear_probe``), the LR of the unfrozen phase (``unfrozen_lr``), the backbone's share of it
 (``backbone_lr_mult``) and, when ``tune.weight_decay`` is given, the weight decay. A phase with
@@ -118,6 +120,21 @@ class Budget:
     @property
     def total_epochs(self) -> int:
         return len(self.folds) * self.epochs_per_fold
+
+    @property
+    def judged_offset(self) -> int:
+        """The first epoch of a fold that is reported to the pruner: the first unfrozen one when
+        the budget has any (a frozen-phase score judges the head LR alone, and Optuna's pruners
+        compare a trial's *best* reported value, which a good frozen score would inflate)."""
+        return self.frozen_epochs if self.unfrozen_epochs else 0
+
+    @property
+    def judged_per_fold(self) -> int:
+        return self.epochs_per_fold - self.judged_offset
+
+    @property
+    def total_judged(self) -> int:
+        return len(self.folds) * self.judged_per_fold
 
 
 def tune_budget(cfg: Config) -> Budget:
@@ -261,11 +278,10 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
 
 def make_pruner(cfg: Config, budget: Budget) -> optuna.pruners.BasePruner:
     kind = cfg.tune.pruner
-    first = budget.frozen_epochs if budget.unfrozen_epochs else 0  # the first step a trial may be pruned at
     if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, cfg.tune.trials // 4)), n_warmup_steps=first)
+        return optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, cfg.tune.trials // 4)), n_warmup_steps=0)
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first + 1, max_resource=max(first + 1, budget.total_epochs),
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, budget.total_judged),
                                               reduction_factor=3)
     if kind == "wilcoxon":
         if len(budget.folds) < 3:
@@ -373,15 +389,15 @@ class Objective:
     def _fold(self, trial: optuna.Trial, cfg: Config, position: int, fold: int) -> tuple[FoldResult | None, str]:
         """Train one fold; (None, why) when pruned or diverged. Returning (not raising) from here
         drops the trainer's frames, so its model and optimizer can be freed before the next fold."""
-        first_step = position * self.budget.epochs_per_fold
+        b = self.budget
 
         def report(epoch: int, value: float) -> None:
             self.epochs_run += 1
-            if self.per_fold:
+            if self.per_fold or epoch < b.judged_offset:
                 return
-            step = first_step + epoch
+            step = position * b.judged_per_fold + epoch - b.judged_offset  # folds never share a step
             trial.report(value, step)
-            if self._may_prune(epoch, step) and trial.should_prune():
+            if step < b.total_judged - 1 and trial.should_prune():  # pruning the last step saves nothing
                 raise optuna.TrialPruned(f"pruned at fold {fold} epoch {epoch}: {self.metric.name} {value:.4f}")
 
         job = FoldJob(cfg=cfg, bcfg=self.bcfg, spec=self.spec, table=self.table, fold=fold, report=report,
@@ -394,13 +410,6 @@ class Objective:
             trial.set_user_attr("diverged", True)
             return None, f"diverged at fold {fold}: the loss became NaN/inf"
 
-
-    def _may_prune(self, epoch: int, step: int) -> bool:
-        """Not at the last step (pruning it saves nothing), and on unfrozen epochs only when the budget
-        has any: a frozen-phase score judges the head LR alone, on cached features that cost nothing."""
-        if step >= self.budget.total_epochs - 1:
-            return False
-        return self.budget.unfrozen_epochs == 0 or epoch >= self.budget.frozen_epochs
 
 
 class FailureGuard:

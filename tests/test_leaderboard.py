@@ -99,3 +99,17 @@ def test_no_scores_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="make train-folds"):
         run_leaderboard(cfg)
     assert not Paths(cfg).leaderboard_csv.exists()
+
+
+def test_shows_where_each_backbones_learning_rates_came_from(tmp_path):
+    cfg = make_board(tmp_path, "accuracy")
+    paths = Paths(cfg)
+    (paths.backbone_dir("alpha") / "lr_source.json").write_text(json.dumps(
+        {"lr_source": "runs/exp/alpha/tune/best.json", "frozen_lr": 0.01, "unfrozen_lr": 0.002,
+         "backbone_lr_mult": 0.5, "weight_decay": 0.01}))
+    (paths.backbone_dir("beta") / "lr_source.json").write_text(json.dumps(
+        {"lr_source": "config", "frozen_lr": 0.003, "unfrozen_lr": 0.001, "backbone_lr_mult": 0.1}))
+    lrs = pd.read_csv(run_leaderboard(cfg)).set_index("model")["lrs"]
+    assert lrs["alpha"] == "tuned: frozen 1e-02, unfrozen 2e-03, backbone x0.5"
+    assert lrs["beta"] == "config: frozen 3e-03, unfrozen 1e-03, backbone x0.1"
+    assert lrs[["mean", "hill_climb"]].isna().all()

@@ -79,8 +79,8 @@ def test_pruned_study_writes_best_json_that_train_uses(make_config):
         "frozen_lr": cfg.train.frozen.lr, "unfrozen_lr": cfg.train.unfrozen.lr,
         "backbone_lr_mult": cfg.train.unfrozen.backbone_lr_mult}
     for t in trials:  # one report per epoch, steps 0..2; pruned after an unfrozen epoch, never the last
-        assert set(t.intermediate_values) <= {0, 1, 2} and 0 in t.intermediate_values
-        assert t.user_attrs["epochs"] == len(t.intermediate_values)
+        assert set(t.intermediate_values) <= {0, 1} and 0 in t.intermediate_values  # unfrozen epochs only
+        assert t.user_attrs["epochs"] == len(t.intermediate_values) + 1
         assert t.user_attrs["epochs"] == (2 if t.state == TrialState.PRUNED else 3)
 
     frame = pd.read_csv(out / "trials.csv")
@@ -290,4 +290,27 @@ def test_linear_probe_has_no_frozen_lr_to_tune(make_config):
     run_tune(cfg)
     trial = _study(cfg).get_trials()[0]
     assert set(trial.params) == {"unfrozen_lr", "backbone_lr_mult"}
-    assert sorted(trial.intermediate_values) == [0, 1]  # the probe (epoch 0), then one unfrozen epoch
+    assert sorted(trial.intermediate_values) == [0]  # the unfrozen epoch; the probe (epoch 0) is not judged
+    assert trial.user_attrs["epochs"] == 2
+
+
+def test_a_good_frozen_score_does_not_shield_a_bad_unfrozen_trial_from_pruning(make_config, monkeypatch):
+    """The median pruner compares a trial's best reported value: frozen-phase scores must not be in it."""
+    cfg = make_config(*FAST, "tune.trials=5", "tune.frozen_epochs=1", "tune.unfrozen_epochs=3")
+    run_folds(cfg)
+    calls = []
+
+    def scripted(job):  # frozen epoch 0.99 for every trial; unfrozen 0.8 for the first two, then 0.5
+        calls.append(1)
+        unfrozen = 0.8 if len(calls) <= 2 else 0.5
+        for epoch, value in enumerate([0.99, unfrozen, unfrozen, unfrozen]):
+            job.report(epoch, value)
+        return tune_mod.FoldResult(best_score=unfrozen, best_epoch=3, history=[])
+
+    monkeypatch.setattr(tune_mod, "train_fold", scripted)
+    run_tune(cfg)
+    trials = _study(cfg).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED] * 3
+    assert all(t.intermediate_values == {0: 0.5} and t.user_attrs["epochs"] == 2 for t in trials[2:])
+    best = artifacts.read_json(Paths(cfg).tuned_params("test_efficientnet"))
+    assert best["pruned"] == 3 and best["pruning"]["epochs_saved"] == 3 * 2
