@@ -116,8 +116,12 @@ def bench_inference(cfg: Config, name: str, size: int, batch: int, steps: int, r
     return {"pipeline_img_s": n / min(t_pipe), "bare_img_s": n / min(t_bare), "views": len(views)}
 
 
-def bench_frozen_phase(cfg: Config, epochs: int) -> dict:
-    """All folds' frozen phase with the feature cache vs one bare forward pass, and vs the model."""
+def bench_frozen_phase(cfg: Config, epochs: int, image_size: int | None = None, through_model: bool = True) -> dict:
+    """All folds' frozen phase with the feature cache vs one bare forward pass, and vs the model.
+
+    The cache's cost is one forward pass plus the head's steps, which do not depend on the
+    resolution; so the ratio to one forward pass is lowest at realistic resolutions and highest
+    on tiny images (the demo's 48 px), where the forward pass itself takes about a second."""
     from pipeline import features
     from pipeline.data import read_folds, task_spec
     from pipeline.folds import run_folds
@@ -126,25 +130,28 @@ def bench_frozen_phase(cfg: Config, epochs: int) -> dict:
     run_folds(cfg)
     table = read_folds(cfg)
     spec = task_spec(cfg, table)
-    bcfg = cfg.backbones[0]
+    bcfg = cfg.backbones[0] if image_size is None else dataclasses.replace(cfg.backbones[0], image_size=image_size)
     base = dataclasses.replace(cfg.train, unfrozen=dataclasses.replace(cfg.train.unfrozen, epochs=0),
                                frozen=dataclasses.replace(cfg.train.frozen, epochs=epochs))
 
     def phase(cache: bool) -> float:
+        """Seconds of every fold's frozen phase; the trainers (model creation, weight loading: the
+        same with or without the cache, and outside the bare pass too) are built before the clock."""
         features.clear_memory()
         c = cfg.replace(train=dataclasses.replace(base, cache_features=cache))
+        trainers = [FoldTrainer(FoldJob(c, bcfg, spec, table, k, progress=False)) for k in range(cfg.folds.n_splits)]
         start = time.perf_counter()
-        for k in range(cfg.folds.n_splits):
-            trainer = FoldTrainer(FoldJob(c, bcfg, spec, table, k, progress=False))
+        for trainer in trainers:
             trainer.frozen_phase(c.train.frozen, 0)
         return time.perf_counter() - start
 
     trainer = FoldTrainer(FoldJob(cfg, bcfg, spec, table, 0, progress=False))
     loader = trainer._loader(trainer._dataset(np.arange(len(table)), train=False))
     bare = _timed(lambda: predict_logits(trainer.model, loader, trainer.rt), 2)
-    cached, full = phase(True), phase(False)
-    return {"cached_s": cached, "bare_forward_s": bare, "through_model_s": full,
-            "folds": cfg.folds.n_splits, "epochs": epochs, "images": len(table)}
+    cached = phase(True)
+    full = phase(False) if through_model else float("nan")
+    return {"cached_s": cached, "bare_forward_s": bare, "through_model_s": full, "folds": cfg.folds.n_splits,
+            "epochs": epochs, "images": len(table), "size": trainer.dc["size"]}
 
 
 def peak_memory_of_training(config_path: Path) -> float:
@@ -211,12 +218,18 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
     small = cfg.replace(name="bench", backbones=[cfg.backbones[0] if not quick else
                                                  BackboneConfig(name="test_efficientnet", weights="none", image_size=32)])
     epochs = 2 if quick else 5
-    r = bench_frozen_phase(small, epochs)
+    r = bench_frozen_phase(small, epochs, image_size=None if quick else size)
+    setting = f"{r['folds']} folds x {r['epochs']} epochs, {r['images']} images, {small.backbones[0].name} {r['size']}px"
     rows.append(("frozen phase, all folds, cached / one bare fwd pass", r["cached_s"] / r["bare_forward_s"], "<= 1.2",
-                 f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s", f"{r['folds']} folds x {r['epochs']} epochs, "
-                 f"{r['images']} images, {small.backbones[0].name}"))
+                 f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s", setting))
     rows.append(("frozen phase: through the model / cached", r["through_model_s"] / r["cached_s"], ">= 10",
                  f"{r['through_model_s']:.1f} s vs {r['cached_s']:.2f} s", "same folds and epochs"))
+    if not quick:  # the demo's own tiny images: the worst case for this ratio (see bench_frozen_phase)
+        r = bench_frozen_phase(small, epochs, through_model=False)
+        rows.append(("frozen phase, all folds, cached / one bare fwd pass", r["cached_s"] / r["bare_forward_s"],
+                     "<= 1.2", f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s",
+                     f"same at the demo's {r['size']}px: the head's {r['folds'] * r['epochs']} epochs of steps are a "
+                     f"fixed cost that weighs more against a tiny forward pass"))
 
     config_path = bench_dir / "bench.yaml"
     one_epoch = small.replace(train=dataclasses.replace(small.train, frozen=dataclasses.replace(small.train.frozen, epochs=1),
@@ -238,14 +251,22 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
 
 
 def _report(rows, output: str, quick: bool) -> Path:
-    header = "| benchmark | measured | goal | figures | setting |\n|---|---|---|---|---|\n"
-    lines = [f"| {b} | {v:.3g} | {g} | {fig} | {s} |" for b, v, g, fig, s in rows]
+    header = "| benchmark | measured | goal | met | figures | setting |\n|---|---|---|---|---|---|\n"
+    lines = [f"| {b} | {v:.3g} | {g} | {_met(v, g)} | {fig} | {s} |" for b, v, g, fig, s in rows]
     table = header + "\n".join(lines) + "\n"
     print(table)
     command = "make bench" + (" ARGS=--quick" if quick else "")
     path = Path(output)
     _write_section(path, "speed", f"## Speed: `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{table}")
     return path
+
+
+def _met(value: float, goal: str) -> str:
+    """yes/no for goals written as ``>= x`` or ``<= x``; blank for figures without a goal."""
+    if goal.startswith((">=", "<=")):
+        bound = float(goal[2:])
+        return "yes" if (value >= bound if goal.startswith(">=") else value <= bound) else "no"
+    return ""
 
 
 def _write_section(path: Path, name: str, text: str) -> None:
