@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -251,3 +252,13 @@ def make_config(tmp_path, digits_root):
         return config_from_dict(raw, [str(w) for w in words])
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine two OpenMP threads spin against each other and
+    a tiny model's step takes seconds instead of milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,14 +19,7 @@ from pipeline.paths import Paths
 from pipeline.tune import run_tune
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads spin against each other and
-    a tiny model's step takes seconds instead of milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _optimizer(lr_scale: float = 1.0):

@@ -16,7 +16,6 @@ import time
 import optuna
 import pandas as pd
 import pytest
-import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -34,14 +33,7 @@ FAST = ["train.num_workers=0", "augment.train=[]"]
 FROZEN_ONLY = [*FAST, "tune.frozen_epochs=1", "tune.unfrozen_epochs=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads spin against each other and
-    a tiny model's step takes seconds instead of milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _study(cfg) -> optuna.Study:
