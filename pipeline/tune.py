@@ -759,6 +759,7 @@ def print_trials(trials: list, metric: Metric) -> None:
 def write_plots(study: optuna.Study, out_dir: Path, params: list[str], metric: str) -> list[Path]:
     """PNG plots from optuna.visualization.matplotlib; a plot that fails only warns."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
@@ -771,13 +772,17 @@ def write_plots(study: optuna.Study, out_dir: Path, params: list[str], metric: s
         plots["param_importances.png"] = lambda: ovm.plot_param_importances(study)
     written = []
     for name, draw in plots.items():
+        width = 1.5 + 4.2 * len(params) if name == "lr_vs_score.png" else 8.0  # one panel per parameter
         try:
-            with warnings.catch_warnings():
+            # sized before drawing: resizing afterwards lets the slice plot's colourbar cover a panel
+            with warnings.catch_warnings(), plt.rc_context({"figure.figsize": (width, 4.5),
+                                                            "figure.constrained_layout.use": True}):
                 warnings.simplefilter("ignore")
                 axes = draw()
                 fig = np.ravel(axes)[0].figure
-                fig.set_size_inches(max(6.0, 4.0 * len(np.ravel(axes))), 4.5)
-                fig.tight_layout()
+                for ax in np.ravel(axes):  # log axes: at most a few decade labels, no crowded minor ones
+                    if ax.get_xscale() == "log":
+                        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             with artifacts.atomic_path(out_dir / name) as tmp:
                 fig.savefig(tmp, format="png", dpi=110)
             plt.close(fig)
