@@ -306,3 +306,22 @@ def test_a_good_frozen_score_does_not_shield_a_bad_unfrozen_trial_from_pruning(m
     assert all(t.intermediate_values == {0: 0.5} and t.user_attrs["epochs"] == 2 for t in trials[2:])
     best = artifacts.read_json(Paths(cfg).tuned_params("test_efficientnet"))
     assert best["pruned"] == 3 and best["pruning"]["epochs_saved"] == 3 * 2
+
+
+def test_hyperband_pruner_runs_a_study_to_its_total(make_config, monkeypatch):
+    cfg = make_config(*FAST, "tune.trials=6", "tune.frozen_epochs=1", "tune.unfrozen_epochs=3", "tune.pruner=hyperband")
+    run_folds(cfg)
+
+    def scripted(job):  # the score grows with the unfrozen LR: a clear ranking for the brackets
+        value = min(1.0, job.cfg.train.unfrozen.lr * 300)
+        for epoch in range(4):
+            job.report(epoch, value * (epoch + 1) / 4)
+        return tune_mod.FoldResult(best_score=value, best_epoch=3, history=[])
+
+    monkeypatch.setattr(tune_mod, "train_fold", scripted)
+    run_tune(cfg)
+    trials = _study(cfg).get_trials()
+    assert len(trials) == 6 and all(t.state in FINISHED for t in trials)
+    assert all(set(t.intermediate_values) <= {0, 1, 2} for t in trials)
+    best = artifacts.read_json(Paths(cfg).tuned_params("test_efficientnet"))
+    assert best["value"] == pytest.approx(max(t.value for t in trials if t.state == TrialState.COMPLETE))
