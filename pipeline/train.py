@@ -576,8 +576,13 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
 
 def _write_resolved(cfg: Config, bcfg: BackboneConfig, source: dict, bdir: Path) -> None:
     """The resolved config the backbone trains with, and where each learning rate came from."""
-    artifacts.write_text(bdir / "config.yaml", dump_config(cfg.replace(backbones=[bcfg])))
     t = cfg.train
+    origin = ("the config" if source["lr_source"] == "config"
+              else f"{source['lr_source']} (tuned; train.use_tuned: {t.use_tuned})")
+    header = (f"# learning rates from {origin}: train.frozen.lr {t.frozen.lr:.3g}, train.unfrozen.lr "
+              f"{t.unfrozen.lr:.3g}, train.unfrozen.backbone_lr_mult {t.unfrozen.backbone_lr_mult:.3g}, "
+              f"train.weight_decay {t.weight_decay:.3g}\n")
+    artifacts.write_text(bdir / "config.yaml", header + dump_config(cfg.replace(backbones=[bcfg])))
     artifacts.write_json(bdir / "lr_source.json", {**source, "frozen_lr": t.frozen.lr, "unfrozen_lr": t.unfrozen.lr,
                                                   "backbone_lr_mult": t.unfrozen.backbone_lr_mult,
                                                   "weight_decay": t.weight_decay})

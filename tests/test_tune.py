@@ -26,7 +26,7 @@ from pipeline.config import dump_config
 from pipeline.errors import PipelineError
 from pipeline.folds import run_folds
 from pipeline.paths import Paths
-from pipeline.train import apply_tuned
+from pipeline.train import apply_tuned, run_train
 from pipeline.tune import FINISHED, run_tune, storage_url, study_name
 
 FAST = ["train.num_workers=0", "augment.train=[]"]
@@ -325,3 +325,15 @@ def test_hyperband_pruner_runs_a_study_to_its_total(make_config, monkeypatch):
     assert all(set(t.intermediate_values) <= {0, 1, 2} for t in trials)
     best = artifacts.read_json(Paths(cfg).tuned_params("test_efficientnet"))
     assert best["value"] == pytest.approx(max(t.value for t in trials if t.state == TrialState.COMPLETE))
+
+
+def test_train_says_in_its_resolved_config_where_the_tuned_lrs_came_from(make_config):
+    cfg = make_config(*FROZEN_ONLY, "tune.trials=2", "train.unfrozen.epochs=0")
+    run_folds(cfg)
+    run_tune(cfg)
+    best = artifacts.read_json(Paths(cfg).tuned_params("test_efficientnet"))
+    run_train(cfg)
+    text = (Paths(cfg).backbone_dir("test_efficientnet") / "config.yaml").read_text()
+    assert text.splitlines()[0].startswith(f"# learning rates from {Paths(cfg).tuned_params('test_efficientnet')} "
+                                           "(tuned; train.use_tuned: auto)")
+    assert yaml.safe_load(text)["train"]["frozen"]["lr"] == pytest.approx(best["params"]["frozen_lr"])
