@@ -244,9 +244,53 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        """``item``: a row, or ``(row, epoch_seed)`` from :class:`SeededSampler`, which seeds the
+        transform from both: a row's augmentation then depends on the epoch and the row only, not
+        on the number of loader workers or on which of them loads it."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         image = self.cache[i] if self.cache is not None else load_image(self.paths[i])
         if self.transform is not None:
+            if seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(row_seed(seed, i))
             image = self.transform(image=image)["image"]
         target = self.targets[i] if self.targets is not None else np.float32(0)
         return image, target
+
+
+def row_seed(epoch_seed: int, row: int) -> int:
+    """A 32-bit seed for one row in one epoch (a multiplicative hash: distinct rows, distinct seeds)."""
+    return (int(epoch_seed) * 0x9E3779B1 + int(row) * 0x85EBCA77 + 1) % 2**32
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Rows as ``(row, epoch_seed)`` pairs, shuffled by the epoch seed (``set_epoch``).
+
+    The sampler runs in the main process, so one DataLoader with persistent workers serves every
+    epoch: the new order and seed reach the workers through the indices. Under DDP it wraps
+    :class:`~torch.utils.data.distributed.DistributedSampler` (each rank its shard).
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, distributed: bool = False, drop_last: bool = False):
+        self.n, self.shuffle, self.seed = n, shuffle, 0
+        self.inner = None
+        if distributed:
+            from torch.utils.data.distributed import DistributedSampler
+            self.inner = DistributedSampler(range(n), shuffle=shuffle, seed=0, drop_last=drop_last)
+
+    def set_epoch(self, seed: int) -> None:
+        self.seed = int(seed)
+        if self.inner is not None:
+            self.inner.set_epoch(self.seed)  # its permutation is seeded by seed + epoch = this seed
+
+    def __iter__(self):
+        if self.inner is not None:
+            order = list(self.inner)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        else:
+            order = range(self.n)
+        return ((i, self.seed) for i in order)
+
+    def __len__(self) -> int:
+        return len(self.inner) if self.inner is not None else self.n

@@ -31,7 +31,7 @@ from pipeline.augment import ImageCache, eval_transform, train_transform
 from pipeline.backbones import (check_model_name, create_backbone, data_config, freeze_batchnorm_stats, frozen_train_mode,
                                 pooled_features, set_frozen)
 from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
-from pipeline.data import PATH, ImageDataset, read_folds, read_test_table, task_spec
+from pipeline.data import PATH, ImageDataset, SeededSampler, read_folds, read_test_table, task_spec
 from pipeline.errors import PipelineError
 from pipeline.features import cached_features, compute_features
 from pipeline.fit import (Runtime, Stepper, activate_mean, build_optimizer, build_scheduler, default_workers,
@@ -144,17 +144,16 @@ class FoldTrainer:
         targets = None if test else self.y[rows]
         return ImageDataset(table[PATH].to_numpy()[rows], targets, transform, cache)
 
-    def _loader(self, dataset, shuffle_seed: int | None = None, batch_sampler=None, drop_last=False):
-        kwargs = dict(num_workers=self.workers, pin_memory=self.rt.cuda, persistent_workers=False)
+    def _loader(self, dataset, sampler=None, batch_sampler=None, drop_last=False, persistent=False):
+        """Pinned memory on CUDA; workers sized to the machine; ``persistent`` keeps them for every
+        epoch (the train loader, whose :class:`SeededSampler` carries each epoch's seed to them)."""
+        kwargs = dict(num_workers=self.workers, pin_memory=self.rt.cuda, persistent_workers=persistent and self.workers > 0)
         if self.workers:
             kwargs.update(worker_init_fn=_seed_worker, prefetch_factor=4)
         if batch_sampler is not None:
             return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-        generator = None
-        if shuffle_seed is not None:
-            generator = torch.Generator().manual_seed(shuffle_seed)
-        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle_seed is not None,
-                                           generator=generator, drop_last=drop_last, **kwargs)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.rank_batch_size if sampler is not None else self.batch_size,
+                                           sampler=sampler, drop_last=drop_last, **kwargs)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -260,8 +259,9 @@ class FoldTrainer:
                 with torch.no_grad():
                     valid_logits = head(feats[torch.as_tensor(self.valid_idx, device=feats.device)]).float().cpu()
             else:
-                loader = self._loader(self._dataset(np.arange(len(self.job.table)), train=self.job.cfg.augment.frozen_phase),
-                                      batch_sampler=batches)
+                augmented = self.job.cfg.augment.frozen_phase
+                loader = self._loader(self._dataset(np.arange(len(self.job.table)), train=augmented),
+                                      batch_sampler=[[(int(i), seed) for i in b] for b in batches] if augmented else batches)
                 stats = run_batches(loader, lambda b: self._frozen_model_loss(head, b), stepper, len(batches),
                                     self._desc("frozen", epoch), self.job.progress)
                 valid_logits = self._predict(self.model, self.valid_idx)[0]
@@ -324,11 +324,12 @@ class FoldTrainer:
         scheduler.step_update(stepper.updates)
         mixup = self._mixup()
         train_ds = self._dataset(self.train_idx, train=True)
+        sampler = SeededSampler(len(train_ds), shuffle=True, distributed=distributed.enabled(), drop_last=drop_last)
+        loader = self._loader(train_ds, sampler=sampler, drop_last=drop_last, persistent=True)  # one for all epochs
         self.net = self._ddp(self.model)
         for epoch in range(start_epoch, first_epoch + phase.epochs):
             seed = seed_everything(self.tcfg.seed, self.job.fold, epoch)
-            train_ds.transform.set_random_seed(seed + distributed.rank())
-            loader = self._train_loader(train_ds, seed, drop_last)
+            sampler.set_epoch(seed)
             self._train_mode()
             lrs = group_lrs(optimizer)
             stats = run_batches(loader, lambda b: self._model_loss(b, mixup), stepper, len(loader),
@@ -357,14 +358,6 @@ class FoldTrainer:
             return model
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[self.rt.device.index] if self.rt.cuda else None)
-
-    def _train_loader(self, dataset, seed: int, drop_last: bool):
-        if not distributed.enabled():
-            return self._loader(dataset, shuffle_seed=seed, drop_last=drop_last)
-        from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
-        return torch.utils.data.DataLoader(dataset, batch_size=self.rank_batch_size, sampler=sampler,
-                                           num_workers=self.workers, pin_memory=self.rt.cuda, drop_last=drop_last)
 
     def _mixup(self):
         t = self.tcfg

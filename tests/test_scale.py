@@ -47,6 +47,35 @@ def test_training_with_the_image_cache_gives_the_same_predictions(make_config, t
     pd.testing.assert_frame_equal(results[0], results[1])
 
 
+def test_augmented_training_does_not_depend_on_the_number_of_loader_workers(make_config, tmp_path):
+    """Each row's augmentation is seeded by (epoch seed, row): 0 or 2 worker processes (persistent
+    across epochs) load the same augmented batches, so training ends with the same predictions."""
+    results = []
+    for workers in (0, 2):
+        cfg = make_config("folds.n_splits=2", "train.unfrozen.epochs=2", f"train.num_workers={workers}",
+                          f"runs_dir={tmp_path / str(workers)}")
+        assert cfg.augment.train, "the test needs random augmentation"
+        run_folds(cfg)
+        run_train(cfg, fold=0)
+        fold0 = Paths(cfg).fold_dir(cfg.backbones[0].name, 0)
+        results.append(pd.read_csv(fold0 / "oof.csv"))
+    pd.testing.assert_frame_equal(results[0], results[1])
+
+
+def test_seeded_sampler_gives_every_row_once_with_the_epoch_seed():
+    from pipeline.data import SeededSampler, row_seed
+
+    sampler = SeededSampler(10)
+    sampler.set_epoch(7)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(10)) and {s for _, s in first} == {7}
+    sampler.set_epoch(8)
+    assert [i for i, _ in sampler] != [i for i, _ in first]  # a new order each epoch
+    sampler.set_epoch(7)
+    assert list(sampler) == first
+    assert len({row_seed(7, i) for i in range(1000)} | {row_seed(8, i) for i in range(1000)}) == 2000
+
+
 def test_fold_parallel_training_writes_the_same_files_as_sequential(make_config, tmp_path):
     seq = make_config(*FAST, f"runs_dir={tmp_path / 'seq'}")
     par = make_config(*FAST, f"runs_dir={tmp_path / 'par'}")
