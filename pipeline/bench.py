@@ -148,7 +148,7 @@ def bench_frozen_phase(cfg: Config, epochs: int, image_size: int | None = None, 
     trainer = FoldTrainer(FoldJob(cfg, bcfg, spec, table, 0, progress=False))
     loader = trainer._loader(trainer._dataset(np.arange(len(table)), train=False))
     bare = _timed(lambda: predict_logits(trainer.model, loader, trainer.rt), 2)
-    cached = phase(True)
+    cached = min(phase(True), phase(True))  # best of two, like the bare pass (each recomputes the features)
     full = phase(False) if through_model else float("nan")
     return {"cached_s": cached, "bare_forward_s": bare, "through_model_s": full, "folds": cfg.folds.n_splits,
             "epochs": epochs, "images": len(table), "size": trainer.dc["size"]}
