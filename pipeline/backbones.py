@@ -167,6 +167,27 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
             module.eval()
 
 
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """AdaBN (Li et al., 2016): replace every BatchNorm layer's running statistics by the
+    cumulative average over ``batches`` (normalised images, no labels); returns the new buffers."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    for x in batches:
+        model.forward_features(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the classifier sees: features after pooling (timm's ``pre_logits``)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)

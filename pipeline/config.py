@@ -127,6 +127,7 @@ class TrainConfig:
     mixup_prob: float = 1.0
     early_stopping_patience: Optional[int] = None
     freeze_bn: bool = False  # unfrozen phase: BatchNorm keeps its pretrained running statistics
+    adapt_bn: bool = False  # re-estimate BatchNorm statistics on the train images before the frozen phase
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only

@@ -28,8 +28,8 @@ from torch import nn
 
 from pipeline import artifacts, checkpoints, distributed
 from pipeline.augment import ImageCache, eval_transform, train_transform
-from pipeline.backbones import (check_model_name, create_backbone, data_config, freeze_batchnorm_stats, frozen_train_mode,
-                                pooled_features, set_frozen)
+from pipeline.backbones import (adapt_batchnorm, check_model_name, create_backbone, data_config, freeze_batchnorm_stats,
+                                frozen_train_mode, pooled_features, set_frozen)
 from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
 from pipeline.data import PATH, ImageDataset, SeededSampler, read_folds, read_test_table, task_spec
 from pipeline.errors import PipelineError
@@ -63,6 +63,9 @@ def apply_tuned(cfg: Config, bcfg: BackboneConfig) -> tuple[Config, dict]:
 
 
 # ----------------------------------------------------------------------------- one fold
+
+
+_BN_STATS: dict[str, dict] = {}  # train.adapt_bn: re-estimated BatchNorm buffers per backbone and images
 
 
 @dataclass
@@ -121,6 +124,26 @@ class FoldTrainer:
         self.best_in_memory: dict | None = None
         self.ema = None
         self.notes: list[str] = []
+        if self.tcfg.adapt_bn:
+            self._adapt_batchnorm()
+
+    def _adapt_batchnorm(self) -> None:
+        """``train.adapt_bn``: BatchNorm statistics re-estimated on every train image (no labels),
+        once per backbone and process, so that the frozen head trains on the statistics the
+        unfrozen phase starts from rather than ImageNet's."""
+        key = "adapt_bn-" + self._images_key()
+        if key not in _BN_STATS:
+            loader = self._loader(self._dataset(np.arange(len(self.job.table)), train=False))
+            with self.rt.autocast():
+                _BN_STATS[key] = adapt_batchnorm(self.model, (self.rt.images(x) for x, _ in loader))
+            print(f"adapt_bn: BatchNorm statistics of {self.job.bcfg.name} re-estimated on {len(self.job.table)} train images")
+        self.model.load_state_dict(_BN_STATS[key], strict=False)
+
+    def _images_key(self) -> str:
+        return artifacts.fingerprint({"backbone": dataclasses.asdict(self.job.bcfg), "size": self.dc["size"],
+                                      "seed": self.tcfg.seed, "adapt_bn": self.tcfg.adapt_bn,
+                                      "ids": list(map(str, self.job.table.iloc[:, 0])),
+                                      "paths": list(self.job.table[PATH])})
 
     # ------------------------------------------------------------------ data
     def _image_cache(self):
@@ -222,10 +245,7 @@ class FoldTrainer:
 
     def frozen_features(self) -> torch.Tensor:
         """Pooled features of every train row (identity view), cached across folds."""
-        bcfg = self.job.bcfg
-        key = artifacts.fingerprint({"backbone": dataclasses.asdict(bcfg), "size": self.dc["size"],
-                                     "seed": self.tcfg.seed, "ids": list(map(str, self.job.table.iloc[:, 0])),
-                                     "paths": list(self.job.table[PATH])})
+        key = self._images_key()
         loader = self._loader(self._dataset(distributed.shard(np.arange(len(self.job.table))), train=False))
         feats, source = cached_features(key, self.job.feature_cache_dir if distributed.is_main() else None,
                                         lambda: distributed.gather_rows(compute_features(self.model, loader, self.rt)))

@@ -254,3 +254,22 @@ def test_linear_probe_fits_the_head_on_cached_features_before_fine_tuning(make_c
     assert any("linear probe: L2" in note for note in result.notes)
     head = {n for n, _ in split_parameters(trainer.model)[1]}
     assert all(not torch.equal(trainer.model.state_dict()[n], before[n]) for n in head)
+
+
+def test_adapt_bn_sets_the_first_batchnorm_to_the_data_statistics(make_config):
+    """train.adapt_bn: the stem's BatchNorm ends with the mean/variance of the stem conv's outputs
+    over every train image (computed here independently), and a fold then trains end to end."""
+    cfg = make_config(*FAST, "train.adapt_bn=true", "train.unfrozen.epochs=1")
+    trainer = FoldTrainer(_job(cfg))
+    model = trainer.model
+    loader = trainer._loader(trainer._dataset(np.arange(len(trainer.job.table)), train=False))
+    with torch.no_grad():  # a cumulative average weighs every batch the same: average the batch statistics
+        stems = [model.conv_stem(trainer.rt.images(x)) for x, _ in loader]
+    bn = model.bn1
+    torch.testing.assert_close(bn.running_mean, torch.stack([s.mean(dim=(0, 2, 3)) for s in stems]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([s.var(dim=(0, 2, 3)) for s in stems]).mean(0))
+    assert bn.momentum == 0.1  # restored after the cumulative pass
+    again = FoldTrainer(_job(cfg, fold=1))  # one pass per backbone: the next fold reuses the statistics
+    torch.testing.assert_close(again.model.bn1.running_mean, bn.running_mean)
+    result = trainer.run()
+    assert np.isfinite(result.best_score) and len(result.history) == 2
