@@ -17,7 +17,6 @@ import dataclasses
 import gc
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -201,12 +200,13 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
     if quick:
         return path
     from pipeline import bench_quality
-    titles = {"tune": "Tuned vs default learning rates", "lpft": "LP-FT: linear probe before fine-tuning"}
-    for name in ("tune", "lpft"):
+    quality = {"tune": ("Tuned vs default learning rates", bench_quality.bench_tune),
+               "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft)}
+    for name, (title, measure) in quality.items():
         if name in sections:
-            body = bench_quality.bench_tune(cfg) if name == "tune" else bench_quality.bench_lpft(cfg)
+            body = measure(cfg)
             print(body)
-            _write_section(path, name, f"## {titles[name]}: `make bench ARGS=\"--sections {name}\"` on {machine()}, "
+            _write_section(path, name, f"## {title}: `make bench ARGS=\"--sections {name}\"` on {machine()}, "
                                        f"{time.strftime('%Y-%m-%d')}\n\n{body}")
     return path
 

@@ -271,12 +271,12 @@ class SeededSampler(torch.utils.data.Sampler):
     :class:`~torch.utils.data.distributed.DistributedSampler` (each rank its shard).
     """
 
-    def __init__(self, n: int, shuffle: bool = True, distributed: bool = False, drop_last: bool = False):
-        self.n, self.shuffle, self.seed = n, shuffle, 0
+    def __init__(self, n: int, distributed: bool = False, drop_last: bool = False):
+        self.n, self.seed = n, 0
         self.inner = None
         if distributed:
             from torch.utils.data.distributed import DistributedSampler
-            self.inner = DistributedSampler(range(n), shuffle=shuffle, seed=0, drop_last=drop_last)
+            self.inner = DistributedSampler(range(n), shuffle=True, seed=0, drop_last=drop_last)
 
     def set_epoch(self, seed: int) -> None:
         self.seed = int(seed)
@@ -286,10 +286,8 @@ class SeededSampler(torch.utils.data.Sampler):
     def __iter__(self):
         if self.inner is not None:
             order = list(self.inner)
-        elif self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         else:
-            order = range(self.n)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return ((i, self.seed) for i in order)
 
     def __len__(self) -> int:

@@ -40,14 +40,13 @@ import pandas as pd
 import torch
 
 from pipeline import artifacts
-from pipeline.augment import eval_transform, train_transform
 from pipeline.backbones import (check_model_name, freeze_batchnorm_stats, frozen_train_mode, pooled_features,
                                 set_frozen)
 from pipeline.config import Config
-from pipeline.data import PATH, ImageDataset, read_folds, task_spec
+from pipeline.data import SeededSampler, read_folds, task_spec
 from pipeline.fit import Stepper, build_optimizer, seed_everything
 from pipeline.paths import Paths
-from pipeline.train import FoldJob, FoldTrainer, apply_tuned
+from pipeline.train import FoldJob, FoldTrainer, apply_tuned, result_train_config
 
 START_LR = 1e-7
 END_LR = 10.0
@@ -138,20 +137,15 @@ def _index_batches(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.
 
 
 def _image_batches(trainer: FoldTrainer, augment: bool, seed: int) -> Iterator:
-    """Shuffled (images, targets) batches of the train rows, epoch after epoch."""
-    job, dc = trainer.job, trainer.dc
-    transform = (train_transform(job.cfg.augment.train, dc["size"], dc["interpolation"]) if augment
-                 else eval_transform(dc["size"], dc["interpolation"]))
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
-    rows = trainer.train_idx
-    dataset = ImageDataset(job.table[PATH].to_numpy()[rows], trainer.y[rows], transform)
-    drop_last = len(rows) > trainer.batch_size  # no BatchNorm batch of one
+    """Shuffled (images, targets) batches of the train rows, epoch after epoch (the train stage's
+    loader and per-row augmentation seeds)."""
+    dataset = trainer._dataset(trainer.train_idx, train=augment)
+    drop_last = len(dataset) > trainer.batch_size  # no BatchNorm batch of one
+    sampler = SeededSampler(len(dataset))
+    loader = trainer._loader(dataset, sampler=sampler, drop_last=drop_last, persistent=True)
     epoch = 0
     while True:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=trainer.batch_size, shuffle=True,
-                                             generator=torch.Generator().manual_seed(seed + epoch),
-                                             num_workers=trainer.workers, drop_last=drop_last)
+        sampler.set_epoch(seed + epoch)
         yield from loader
         epoch += 1
 
@@ -265,8 +259,7 @@ def plot_curves(curves: dict, suggestions: dict, path: Path, title: str) -> None
 
 def _digest(cfg: Config, bcfg, sweep: dict) -> str:
     paths = Paths(cfg)
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
-             if k not in ("num_workers", "use_tuned", "log_every", "device")}
+    train = result_train_config(cfg)
     part = {"data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"},
             "backbone": dataclasses.asdict(bcfg), "train": train, "augment": dataclasses.asdict(cfg.augment),
             "sweep": sweep}

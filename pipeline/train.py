@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -344,7 +343,7 @@ class FoldTrainer:
         scheduler.step_update(stepper.updates)
         mixup = self._mixup()
         train_ds = self._dataset(self.train_idx, train=True)
-        sampler = SeededSampler(len(train_ds), shuffle=True, distributed=distributed.enabled(), drop_last=drop_last)
+        sampler = SeededSampler(len(train_ds), distributed=distributed.enabled(), drop_last=drop_last)
         loader = self._loader(train_ds, sampler=sampler, drop_last=drop_last, persistent=True)  # one for all epochs
         self.net = self._ddp(self.model)
         for epoch in range(start_epoch, first_epoch + phase.epochs):
@@ -471,12 +470,8 @@ class _Subset:
 
 
 def _seed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
-    np.random.seed(seed)
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
+    """NumPy's global state per worker (augmentations are seeded per row, by SeededSampler)."""
+    np.random.seed(torch.utils.data.get_worker_info().seed % 2**32)
 
 
 def train_fold(job: FoldJob) -> FoldResult:
@@ -499,11 +494,18 @@ def _fold_outputs(fold_dir: Path, with_test: bool) -> list[Path]:
 # ----------------------------------------------------------------------------- the stage
 
 
+RUN_ONLY_KEYS = ("num_workers", "use_tuned", "log_every", "device")  # train.* keys that change how, not what
+
+
+def result_train_config(cfg: Config) -> dict:
+    """``cfg.train`` as a dict without the keys that cannot change a result (for fingerprints)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RUN_ONLY_KEYS}
+
+
 def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:
     """What a fold's result depends on: data, folds, task, metric, training and augmentation."""
     paths = Paths(cfg)
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
-             if k not in ("num_workers", "use_tuned", "log_every", "device")}
+    train = result_train_config(cfg)
     part = {"data": dataclasses.asdict(cfg.data), "metric": cfg.metric, "train": train,
             "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "fold": fold}
     inputs = [paths.folds_csv, paths.sample_submission] + ([paths.train_csv] if paths.train_csv else [])

@@ -63,7 +63,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +84,7 @@ from pipeline.fit import NonFiniteLoss
 from pipeline.metrics import Metric, get_metric
 from pipeline.paths import Paths
 from pipeline.tasks import TaskSpec
-from pipeline.train import FoldJob, FoldResult, train_fold
+from pipeline.train import FoldJob, FoldResult, result_train_config, train_fold
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WORKER_ENV = "PIPELINE_TUNE_WORKER"  # set in worker processes: their index (1..N-1)
@@ -190,9 +189,7 @@ def trial_config(cfg: Config, budget: Budget, params: dict[str, float]) -> Confi
 def objective_parts(cfg: Config, bcfg: BackboneConfig, budget: Budget, space: dict) -> dict:
     """What a trial's score depends on besides its parameters (flat ``key: value`` pairs)."""
     paths = Paths(cfg)
-    train = dataclasses.asdict(cfg.train)
-    for key in ("num_workers", "use_tuned", "log_every", "device"):
-        train.pop(key)
+    train = result_train_config(cfg)
     for phase in ("frozen", "unfrozen"):
         train[phase].pop("epochs")
     tuned_keys = {"frozen_lr": ("frozen", "lr"), "unfrozen_lr": ("unfrozen", "lr"),
