@@ -191,10 +191,35 @@ def read_test_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
 
 def task_spec(cfg: Config, table: pd.DataFrame) -> TaskSpec:
     d = cfg.data
-    return TaskSpec.from_table(table, d.task, d.target_columns, d.classes, d.label_separator, d.id_column)
+    return TaskSpec.from_table(table, d.task, d.target_columns, d.classes, d.label_separator, d.id_column,
+                               d.positive_class)
 
 
 # ---------------------------------------------------------------------------- folds file
+
+REMAKE_FOLDS = "remake them with `make folds CONFIG=... ARGS=--force` (python -m pipeline folds -c CFG --force)"
+
+
+def _check_folds_current(folds: pd.DataFrame, train: pd.DataFrame, cfg: Config, source) -> None:
+    """The folds file's targets and groups must still equal the train table's: every stage trains
+    and scores on the folds file's copy, so a label corrected in train.csv after `make folds`
+    would otherwise be silently ignored (and a changed group could leak across folds)."""
+    d = cfg.data
+    columns = [*d.target_columns] + ([d.group_column] if d.group_column else [])
+    if d.group_column and d.group_column not in folds.columns:
+        raise PipelineError(f"{source} has no group column '{d.group_column}' (data.group_column): it was made "
+                            f"without groups; {REMAKE_FOLDS}")
+    current = train.set_index(d.id_column).loc[folds[d.id_column], columns]
+    for col in columns:
+        old = folds[col].fillna("").astype(str).to_numpy()
+        new = current[col].fillna("").astype(str).to_numpy()
+        differ = np.flatnonzero(old != new)
+        if len(differ):
+            i = differ[0]
+            ids = folds[d.id_column].to_numpy()[differ]
+            raise PipelineError(f"{source} is stale: column '{col}' differs from the train table for {len(differ)} "
+                                f"rows, ids {first_few(map(repr, ids))} (id {ids[0]!r}: {old[i]!r} in the folds file, "
+                                f"{new[i]!r} in the train table); {REMAKE_FOLDS}")
 
 
 def read_folds(cfg: Config) -> pd.DataFrame:
@@ -208,7 +233,8 @@ def read_folds(cfg: Config) -> pd.DataFrame:
     train = read_train_table(cfg, check_readable=False)
     if len(folds) != len(train) or set(folds[d.id_column]) != set(train[d.id_column]):
         raise PipelineError(f"{source} does not match the train table ({len(folds)} vs {len(train)} rows); "
-                            f"the data changed: run `make folds` again")
+                            f"the data changed: {REMAKE_FOLDS}")
+    _check_folds_current(folds, train, cfg, source)
     folds["fold"] = folds["fold"].astype(int)
     return folds.merge(train[[d.id_column, PATH]], on=d.id_column, how="left", validate="one_to_one")
 
@@ -251,11 +277,34 @@ class ImageDataset(torch.utils.data.Dataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         image = self.cache[i] if self.cache is not None else load_image(self.paths[i])
         if self.transform is not None:
-            if seed is not None and hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(row_seed(seed, i))
+            if seed is not None:
+                seed_transform(self.transform, row_seed(seed, i))
             image = self.transform(image=image)["image"]
         target = self.targets[i] if self.targets is not None else np.float32(0)
         return image, target
+
+
+SEEDING_NEEDS = "albumentations >= 1.4.21 (Compose.set_random_seed)"
+
+
+def require_seedable_transforms() -> None:
+    """Per-row augmentation seeding needs ``Compose.set_random_seed``. Without it a row's
+    augmentation would depend on the loader worker that draws it, and a resumed run would differ
+    from an uninterrupted one: refuse instead of skipping the seeding silently."""
+    import albumentations
+
+    if not hasattr(albumentations.Compose, "set_random_seed"):
+        raise PipelineError(f"per-row augmentation seeding needs {SEEDING_NEEDS}; installed albumentations "
+                            f"{albumentations.__version__}: pip install 'albumentations>=1.4.21'")
+
+
+def seed_transform(transform, seed: int) -> None:
+    """Seed one transform (see :func:`require_seedable_transforms`); an error when it cannot be."""
+    setter = getattr(transform, "set_random_seed", None)
+    if setter is None:
+        raise PipelineError(f"transform {type(transform).__name__} cannot be seeded per row: it needs "
+                            f"{SEEDING_NEEDS}; pip install 'albumentations>=1.4.21'")
+    setter(seed)
 
 
 def row_seed(epoch_seed: int, row: int) -> int:
@@ -272,6 +321,7 @@ class SeededSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n: int, distributed: bool = False, drop_last: bool = False):
+        require_seedable_transforms()  # in the main process, before any worker starts
         self.n, self.seed = n, 0
         self.inner = None
         if distributed:

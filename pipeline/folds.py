@@ -36,6 +36,25 @@ def _check_class_counts(labels: np.ndarray, n_splits: int, names) -> None:
                             f"or use folds.strategy: kfold")
 
 
+def _group_kfold(n_splits: int, seed: int) -> GroupKFold:
+    """Seeded group folds: ``GroupKFold(shuffle=...)`` is scikit-learn 1.6's. Older versions
+    would assign groups by size alone, ignoring folds.seed: refuse rather than do that."""
+    try:
+        return GroupKFold(n_splits, shuffle=True, random_state=seed)
+    except TypeError:
+        import sklearn
+        raise PipelineError(f"folds.strategy group needs scikit-learn >= 1.6 (GroupKFold(shuffle=...)); installed "
+                            f"{sklearn.__version__}: pip install 'scikit-learn>=1.6'") from None
+
+
+def describe_targets(spec: TaskSpec) -> str:
+    """What the prediction columns mean, for a binary task (whose positive class is a choice)."""
+    if spec.task != "binary":
+        return ""
+    return (f"; binary task: pred = P({spec.target_columns[0]} is '{spec.positive_class}'), the positive class "
+            f"(data.positive_class; '{spec.classes[0]}' is negative)")
+
+
 def assign_folds(table: pd.DataFrame, spec: TaskSpec, cfg: Config) -> np.ndarray:
     """Fold index per row of ``table`` (indices only; the table is not modified)."""
     f, n = cfg.folds, len(table)
@@ -62,7 +81,7 @@ def assign_folds(table: pd.DataFrame, spec: TaskSpec, cfg: Config) -> np.ndarray
     if strategy == "kfold":
         splits = KFold(f.n_splits, shuffle=True, random_state=f.seed).split(X)
     elif strategy == "group":
-        splits = GroupKFold(f.n_splits, shuffle=True, random_state=f.seed).split(X, groups=groups)
+        splits = _group_kfold(f.n_splits, f.seed).split(X, groups=groups)
     elif strategy == "multilabel_stratified":
         from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
         splits = MultilabelStratifiedKFold(f.n_splits, shuffle=True, random_state=f.seed).split(X, spec.encode(table))
@@ -119,5 +138,5 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
     artifacts.mark_done([out], digest)
     sizes = np.bincount(fold).tolist()
     print(f"folds: wrote {out} ({len(frame)} rows, {cfg.folds.n_splits} folds of sizes {sizes}, "
-          f"strategy {cfg.folds.strategy})")
+          f"strategy {cfg.folds.strategy}){describe_targets(spec)}")
     return out

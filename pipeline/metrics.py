@@ -63,6 +63,15 @@ def _roc_auc(y, p, task):
     return skm.roc_auc_score(y, p, average="macro")
 
 
+def _f1(y, p, task):
+    """Binary: F1 of the positive class (``data.positive_class``) at p >= 0.5. Multilabel: the
+    mean over rows of each row's F1 (``average="samples"``, Kaggle's "Mean F1"); a row with no
+    true and no predicted label scores 1. For per-class averages use ``f1_macro``."""
+    if task == "multilabel":
+        return skm.f1_score(y, hard_labels(p, task), average="samples", zero_division=1)
+    return skm.f1_score(y, hard_labels(p, task), average="binary", pos_label=1, zero_division=0)
+
+
 def _f1_macro(y, p, task):
     return skm.f1_score(y, hard_labels(p, task), average="macro", zero_division=0)
 
@@ -94,6 +103,7 @@ METRICS: dict[str, Metric] = {
         Metric("accuracy", True, _accuracy, CLASSIFICATION),
         Metric("log_loss", False, _log_loss, CLASSIFICATION, needs_probabilities=True),
         Metric("roc_auc", True, _roc_auc, CLASSIFICATION, needs_probabilities=True),
+        Metric("f1", True, _f1, ("binary", "multilabel")),
         Metric("f1_macro", True, _f1_macro, CLASSIFICATION),
         Metric("qwk", True, _qwk, ("multiclass", "regression")),
         Metric("rmse", False, _rmse, ("regression",)),

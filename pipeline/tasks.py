@@ -4,6 +4,12 @@ This module owns target encoding. Every later stage gets its targets and class n
 :class:`TaskSpec`, built once from the train table (or the folds file), so no stage
 re-implements reading labels.
 
+Binary tasks keep their two classes as ``(negative, positive)``: the ``pred`` column is
+P(positive), encoded targets are 1 for the positive class, and submissions map 1 back to
+``classes[1]``. ``data.positive_class`` names it; by default it is the second in sorted order.
+Regression targets are standardised per fold (:meth:`TaskSpec.fit_targets`): the loss and the
+head work in standard units, :meth:`TaskSpec.activate` returns the original units.
+
 Example
 -------
 >>> import pandas as pd
@@ -14,7 +20,7 @@ Example
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -31,6 +37,16 @@ def _sort_labels(values) -> list[str]:
         return values
 
 
+def _binary_order(found: list[str], positive: Optional[str], column: str) -> list[str]:
+    """The two classes as (negative, positive): ``data.positive_class``, else the second sorted."""
+    if positive is None:
+        return found
+    if str(positive) not in found:
+        raise PipelineError(f"config key 'data.positive_class': '{positive}' is not a class of column '{column}'; "
+                            f"its two classes are '{found[0]}' and '{found[1]}'")
+    return [c for c in found if c != str(positive)] + [str(positive)]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     task: str
@@ -38,12 +54,14 @@ class TaskSpec:
     classes: tuple[str, ...] = ()  # multiclass/binary classes, multilabel labels
     label_separator: str = " "
     id_column: str = ""  # named in error messages when the table has it
+    target_mean: float = 0.0  # regression: the training rows' mean and std (fit_targets)
+    target_std: float = 1.0
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_table(cls, table: pd.DataFrame, task: str, target_columns: list[str],
                    classes: Optional[list[str]] = None, label_separator: str = " ",
-                   id_column: str = "") -> "TaskSpec":
+                   id_column: str = "", positive_class: Optional[str] = None) -> "TaskSpec":
         cols = tuple(target_columns)
         if task == "regression":
             if len(cols) != 1:
@@ -69,6 +87,8 @@ class TaskSpec:
                                 f"found {len(found)}: {first_few(found)}; use task: multiclass for more")
         if task == "multiclass" and len(found) < 2:
             raise PipelineError(f"multiclass task needs at least 2 classes in column '{cols[0]}', found {found}")
+        if task == "binary":
+            found = _binary_order(found, positive_class, cols[0])
         return cls(task, cols, tuple(found), label_separator, id_column)
 
     # ------------------------------------------------------------------ shapes
@@ -83,6 +103,11 @@ class TaskSpec:
         if self.task in ("binary", "regression"):
             return ["pred"]
         return [f"pred_{c}" for c in self.classes]
+
+    @property
+    def positive_class(self) -> str:
+        """Binary: the class whose probability ``pred`` holds (encoded as 1)."""
+        return self.classes[1]
 
     # ------------------------------------------------------------------ targets
     def encode(self, table: pd.DataFrame) -> np.ndarray:
@@ -143,9 +168,29 @@ class TaskSpec:
         y = self.encode(table)
         return y.astype(int) if self.task in ("binary", "multiclass") else y
 
+    # ------------------------------------------------------------------ regression units
+    def fit_targets(self, y_train: np.ndarray) -> "TaskSpec":
+        """Regression: this spec with the training rows' mean and std, so that the loss sees
+        standardised targets and a zero-initialised head starts at the mean (targets of 1000 +- 50
+        are otherwise out of reach of a few epochs at fine-tuning LRs). Other tasks: unchanged."""
+        if self.task != "regression":
+            return self
+        y = np.asarray(y_train, dtype=np.float64)
+        std = float(y.std()) if len(y) else 0.0
+        return replace(self, target_mean=float(y.mean()) if len(y) else 0.0,
+                       target_std=std if np.isfinite(std) and std > 0 else 1.0)
+
+    def scaled_loss(self, loss):
+        """``loss(logits, y)`` fed standardised regression targets (the logits' units)."""
+        if self.task != "regression" or (self.target_mean, self.target_std) == (0.0, 1.0):
+            return loss
+        mean, std = self.target_mean, self.target_std
+        return lambda logits, y: loss(logits, (y - mean) / std)
+
     # ------------------------------------------------------------------ predictions
     def activate(self, logits: np.ndarray) -> np.ndarray:
-        """Logits to what prediction columns hold: softmax, sigmoid, or identity."""
+        """Logits to what prediction columns hold: softmax, sigmoid, or (regression) the value
+        in the target's original units."""
         logits = np.asarray(logits, dtype=np.float64)
         if self.task == "multiclass":
             z = logits - logits.max(axis=1, keepdims=True)
@@ -154,7 +199,8 @@ class TaskSpec:
         if self.task in ("binary", "multilabel"):
             out = 1.0 / (1.0 + np.exp(-logits))
             return out[:, 0] if self.task == "binary" and out.ndim == 2 else out
-        return logits[:, 0] if logits.ndim == 2 else logits
+        values = logits[:, 0] if logits.ndim == 2 else logits
+        return values * self.target_std + self.target_mean
 
     def predictions_frame(self, ids, preds: np.ndarray, id_column: str) -> pd.DataFrame:
         preds = np.asarray(preds)

@@ -15,7 +15,8 @@ search space is log-uniform within the ``tune:`` bounds: the head LR of the froz
 no epochs in the budget has nothing to tune and is left out. The first trial of a new study runs
 the config's own LRs (when inside the bounds): the study then shows what tuning gained.
 
-Outputs (``runs/<exp>/<backbone>/tune/``): ``best.json`` (read by ``train.use_tuned``),
+Outputs (``runs/<exp>/<backbone>/tune/``): ``best.json`` (read by ``train.use_tuned``; it records
+the study's objective, and the train stage takes its LRs only while the config still matches it),
 ``trials.csv``, ``config.yaml`` (the resolved config, also what worker processes load), and
 plots: ``optimization_history.png``, ``intermediate_values.png`` (learning curves: pruned trials
 stop early), ``param_importances.png``, ``lr_vs_score.png``.
@@ -80,7 +81,7 @@ from pipeline.backbones import check_model_name
 from pipeline.config import BackboneConfig, Config, dump_config
 from pipeline.data import read_folds, task_spec
 from pipeline.errors import PipelineError
-from pipeline.fit import NonFiniteLoss
+from pipeline.fit import LR_SCHEDULE, NonFiniteLoss
 from pipeline.metrics import Metric, get_metric
 from pipeline.paths import Paths
 from pipeline.tasks import TaskSpec
@@ -204,6 +205,7 @@ def objective_parts(cfg: Config, bcfg: BackboneConfig, budget: Budget, space: di
     parts = {"data": data, "metric": cfg.metric, "backbone": dataclasses.asdict(bcfg), "train": train,
              "augment": dataclasses.asdict(cfg.augment), "tune.folds": list(budget.folds),
              "tune.frozen_epochs": budget.frozen_epochs, "tune.unfrozen_epochs": budget.unfrozen_epochs,
+             "lr_schedule": LR_SCHEDULE,  # trials scored under another schedule shape do not compare
              "inputs": {p.name: artifacts.file_digest(p) for p in inputs}}
     return _flatten(parts)
 
@@ -659,7 +661,7 @@ class TuneRun:
             return False
         best = artifacts.read_json(path)
         n_finished = count(study, FINISHED)
-        return best.get("study") == self.name and best.get("trials") == n_finished
+        return best.get("study") == self.name and best.get("trials") == n_finished and "objective" in best
 
     def write_report(self, study: optuna.Study) -> dict:
         """trials.csv, a printed table, best.json and the plots, from the study as it is now."""
@@ -680,7 +682,9 @@ class TuneRun:
                   "greater_is_better": self.metric.greater_is_better, "trials": len(complete) + len(pruned),
                   "pruned": len(pruned), "failed": sum(t.state == TrialState.FAIL for t in trials),
                   "best_trial": best.number, "study": self.name, "storage": shown_url(self.url),
-                  "budget": dataclasses.asdict(self.budget), "pruning": saving}
+                  "budget": dataclasses.asdict(self.budget), "pruning": saving,
+                  # what the score depended on: the train stage uses these LRs only while it still holds
+                  "objective": objective_parts(self.cfg, self.bcfg, self.budget, self.space)}
         baseline = [t for t in complete if t.user_attrs.get("config_params")]
         if baseline:
             result["config_params"] = {"trial": baseline[0].number, "params": baseline[0].params,

@@ -105,6 +105,60 @@ def test_read_folds_joins_paths_and_detects_a_changed_train_table(make_config, t
         read_folds(cfg)
 
 
+def test_read_folds_refuses_a_label_corrected_after_the_folds_were_made(make_config, tmp_path):
+    """The folds file carries the targets every stage trains on: a corrected label in train.csv must
+    not be silently trained on with its old value."""
+    data = write_dataset(tmp_path / "data", "binary", n_train=30, n_test=2)
+    cfg = make_config(data=data)
+    run_folds(cfg)
+    fixed = lambda f: f.assign(label=np.where(f[ID_COLUMN].isin(["img_0003", "img_0008"]),  # noqa: E731
+                                              "even", f["label"]))
+    _edit_csv(tmp_path / "data" / "train.csv", fixed)  # img_0003 was 'odd'; img_0008 stays 'even'
+    with pytest.raises(PipelineError) as err:
+        read_folds(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "is stale: column 'label' differs" in message and "for 1 rows" in message
+    assert "'img_0003'" in message and "'odd' in the folds file, 'even' in the train table" in message
+    assert "make folds CONFIG=... ARGS=--force" in message and "python -m pipeline folds -c CFG --force" in message
+    run_folds(cfg, force=True)
+    assert read_folds(cfg).set_index(ID_COLUMN).loc["img_0003", "label"] == "even"
+
+
+def test_read_folds_refuses_changed_groups_and_quotes_ids_with_spaces(make_config, tmp_path):
+    data = write_dataset(tmp_path / "data", "multiclass", n_train=30, n_test=2, group=True)
+    cfg = make_config("folds.strategy=group", data=data)
+    run_folds(cfg)
+    folds_csv = Paths(cfg).folds_csv
+    for path in (tmp_path / "data" / "train.csv", folds_csv):  # an id with a trailing space, in both files
+        _edit_csv(path, lambda f: f.replace({ID_COLUMN: {"img_0004": "img_0004 "}}))
+    (tmp_path / "data" / "train" / "img_0004.png").rename(tmp_path / "data" / "train" / "img_0004 .png")
+    read_folds(cfg)  # still current
+    _edit_csv(tmp_path / "data" / "train.csv",
+              lambda f: f.assign(writer=np.where(f[ID_COLUMN] == "img_0004 ", "w999", f["writer"])))
+    with pytest.raises(PipelineError, match=r"column 'writer' differs .* ids 'img_0004 ' \(id 'img_0004 ': 'w000'"):
+        read_folds(cfg)
+    _edit_csv(folds_csv, lambda f: f.drop(columns=["writer"]))
+    with pytest.raises(PipelineError, match="no group column 'writer' .*--force"):
+        read_folds(cfg)
+
+
+def test_per_row_seeding_without_compose_set_random_seed_fails_loudly(monkeypatch, tmp_path):
+    """Per-row augmentation seeding needs albumentations >= 1.4.21; an older one must not be
+    skipped silently (a resumed run would then differ from an uninterrupted one)."""
+    import albumentations
+
+    from pipeline.data import SeededSampler
+
+    image = write_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    unseedable = lambda image: {"image": image}  # noqa: E731  (a transform without set_random_seed)
+    with pytest.raises(PipelineError, match=r"needs albumentations >= 1\.4\.21 \(Compose.set_random_seed\)"):
+        ImageDataset([str(image)], targets=[0], transform=unseedable)[(0, 123)]
+    assert ImageDataset([str(image)], targets=[0], transform=unseedable)[0][1] == 0  # unseeded: fine
+    monkeypatch.setattr(albumentations, "Compose", type("Compose", (), {}))  # as in albumentations < 1.4.21
+    with pytest.raises(PipelineError, match=r"installed albumentations .*pip install 'albumentations>=1\.4\.21'"):
+        SeededSampler(4)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -295,3 +295,18 @@ def test_cli_bad_data_exits_2_without_traceback(make_config, tmp_path, capsys):
     assert main(["folds", "-c", str(path)]) == 2
     out, err = capsys.readouterr()
     assert err.startswith("error: ") and "img_0004" in err and "Traceback" not in out + err
+
+
+def test_group_folds_need_scikit_learn_1_6_and_say_so(make_config, tmp_path, monkeypatch):
+    """GroupKFold(shuffle=...) is scikit-learn 1.6's: an older one is a clear error, not a TypeError."""
+    import pipeline.folds as folds_mod
+
+    class OldGroupKFold:  # scikit-learn < 1.6: no shuffle, no random_state
+        def __init__(self, n_splits=5):
+            self.n_splits = n_splits
+
+    monkeypatch.setattr(folds_mod, "GroupKFold", OldGroupKFold)
+    cfg = make_config("folds.strategy=group", data=write_dataset(tmp_path / "data", "multiclass", n_train=30,
+                                                                 n_test=2, group=True))
+    with pytest.raises(PipelineError, match=r"needs scikit-learn >= 1\.6 .*pip install 'scikit-learn>=1\.6'"):
+        run_folds(cfg)
