@@ -184,7 +184,7 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
-SECTIONS = ("speed", "tune", "lpft")
+SECTIONS = ("speed", "tune", "lpft", "finetune")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -201,12 +201,15 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
         return path
     from pipeline import bench_quality
     quality = {"tune": ("Tuned vs default learning rates", bench_quality.bench_tune),
-               "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft)}
+               "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft),
+               "finetune": ("Fine-tuning against the frozen head, and which weights to keep",
+                            bench_quality.bench_finetune)}
     for name, (title, measure) in quality.items():
         if name in sections:
             body = measure(cfg)
             print(body)
-            _write_section(path, name, f"## {title}: `make bench ARGS=\"--sections {name}\"` on {machine()}, "
+            config = "" if cfg.name == "demo" else f"CONFIG=configs/{cfg.name}.yaml "
+            _write_section(path, name, f"## {title}: `make bench {config}ARGS=\"--sections {name}\"` on {machine()}, "
                                        f"{time.strftime('%Y-%m-%d')}\n\n{body}")
     return path
 

@@ -114,3 +114,120 @@ def bench_lpft(cfg: Config, folds: tuple[int, ...] = (0, 1, 2)) -> str:
     return ("\n".join(lines) + "\n\n"
             f"{base.backbones[0].name}, {t.unfrozen.epochs} unfrozen epochs at lr {t.unfrozen.lr:g} "
             f"(backbone x{t.unfrozen.backbone_lr_mult:g}) after either head.\n")
+
+
+# ----------------------------------------------------------------------------- finetune and keep
+
+
+def _solution_targets(cfg: Config, spec, test) -> np.ndarray:
+    """The hidden test labels (``solution.csv`` beside the sample submission) in the test's order."""
+    from pipeline.data import read_csv, require_columns
+    from pipeline.errors import PipelineError
+
+    path = Paths(cfg).sample_submission.parent / "solution.csv"
+    if not path.exists():
+        raise PipelineError(f"the finetune benchmark scores the test set against {path}, which does not exist; "
+                            f"run it on a data set with its test labels (configs/scenes.yaml, configs/demo.yaml)")
+    id_col = cfg.data.id_column
+    solution = read_csv(path, "solution file")
+    require_columns(solution, [id_col, *cfg.data.target_columns], path, "data.target_columns")
+    return spec.encode(solution.set_index(id_col).loc[test[id_col].astype(str)].reset_index())
+
+
+def _fold_trajectory(cfg: Config, table, spec, test, fold: int) -> dict:
+    """One fold trained with ``keep: swa``; the validation and test predictions of the frozen head
+    and of every unfrozen epoch (through the job's report hook), of the SWA weights, and the loss
+    of every unfrozen batch."""
+    from pipeline.fit import activate_mean
+    from pipeline.train import FoldTrainer
+
+    bcfg, views = cfg.backbones[0], cfg.augment.tta
+    epochs: list[dict] = []
+    job = FoldJob(cfg, bcfg, spec, table, fold, test=test, progress=False,
+                  feature_cache_dir=Paths(cfg).feature_cache_dir(bcfg.name))
+    trainer = None
+
+    def record(epoch: int, value: float) -> None:
+        model = trainer.eval_model
+        epochs.append({"epoch": epoch, "valid_score": value,
+                       "valid": activate_mean(spec, trainer._predict(model, trainer.valid_idx, views=views)),
+                       "test": activate_mean(spec, trainer._predict(model, np.arange(len(test)), True, views))})
+
+    job.report = record
+    trainer = FoldTrainer(job)
+    trainer.batch_losses = []
+    result = trainer.run()
+    frozen = [row for row in result.history if row["phase"] == "frozen"]
+    swa_valid = spec.predictions_from_frame(result.oof.drop(columns=["fold"]))
+    return {"valid_idx": trainer.valid_idx, "epochs": epochs, "n_frozen": len(frozen),
+            "frozen_train_loss": frozen[-1]["train_loss"] if frozen else float("nan"),
+            "batch_losses": trainer.batch_losses, "swa": {"valid": swa_valid,
+                                                          "test": spec.predictions_from_frame(result.test)}}
+
+
+def _variants(run: dict, metric) -> dict[str, dict]:
+    """The predictions ``train.keep`` would keep: the frozen head, best epoch, last epoch, SWA."""
+    epochs, frozen = run["epochs"], run["epochs"][run["n_frozen"] - 1]
+    best = frozen
+    for e in epochs:
+        if metric.better(e["valid_score"], best["valid_score"]):
+            best = e
+    return {"probe": frozen, "best": best, "last": epochs[-1], "swa": run["swa"]}
+
+
+def bench_finetune(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
+    """Does fine-tuning beat the frozen head it starts from, and which weights to keep? Markdown.
+
+    For each seed (of the folds and of training) every fold is trained once with the experiment's
+    settings; from that one trajectory come the frozen head's (or probe's) predictions, each
+    unfrozen epoch's, and those of the SWA average, so that ``train.keep: best | last | swa`` are
+    compared on the same runs: CV (the folds' own validation rows) against the score of the
+    fold-averaged submission on the hidden test labels (``solution.csv``)."""
+    from pipeline.data import read_test_table
+    from pipeline.fit import score
+
+    t = cfg.train
+    base = _bench_config(cfg, "bench_finetune", dataclasses.replace(t, keep="swa"))
+    per_fold = ["| seed | fold | frozen head | each unfrozen epoch | kept by best | first 10 unfrozen batch losses "
+                "(frozen phase's last) |", "|---|---|---|---|---|---|"]
+    summary = ["| seed | weights (train.keep) | CV | hidden test | test - CV |", "|---|---|---|---|---|"]
+    beats, worst_first = [], 0.0
+    for seed in seeds:
+        c = base.replace(name=f"bench_finetune_s{seed}", folds=dataclasses.replace(base.folds, seed=seed),
+                         train=dataclasses.replace(base.train, seed=seed))
+        run_folds(c)
+        table = read_folds(c)
+        spec, test = task_spec(c, table), read_test_table(c)
+        metric = get_metric(c.metric, spec.task)
+        y, y_test = spec.encode(table), _solution_targets(c, spec, test)
+        chance = float(np.log(spec.num_outputs)) if spec.task == "multiclass" else float(np.log(2))
+        kept: dict[str, dict] = {}
+        for fold in range(c.folds.n_splits):
+            start = time.perf_counter()
+            run = _fold_trajectory(c, table, spec, test, fold)
+            variants = _variants(run, metric)
+            for name, v in variants.items():
+                entry = kept.setdefault(name, {"folds": [], "test": []})
+                entry["folds"].append(score(metric, spec, y[run["valid_idx"]], v["valid"]))
+                entry["test"].append(v["test"])
+            first = run["batch_losses"][:10]
+            worst_first = max([worst_first, *first])
+            scores = [e["valid_score"] for e in run["epochs"][run["n_frozen"]:]]
+            per_fold.append(f"| {seed} | {fold} | {variants['probe']['valid_score']:.4f} | "
+                            f"{', '.join(f'{s:.4f}' for s in scores)} | epoch {variants['best']['epoch']} | "
+                            f"{' '.join(f'{x:.2f}' for x in first)} ({run['frozen_train_loss']:.3f}) |")
+            print(f"bench finetune: seed {seed} fold {fold}: {per_fold[-1]} {time.perf_counter() - start:.0f} s")
+        tests = {}
+        for name, entry in kept.items():
+            cv = float(np.mean(entry["folds"]))
+            tests[name] = score(metric, spec, y_test, np.mean(entry["test"], axis=0))
+            summary.append(f"| {seed} | {name} | {cv:.4f} | {tests[name]:.4f} | {tests[name] - cv:+.4f} |")
+        beats.append(all(metric.better(tests[k], tests["probe"]) for k in ("last", "swa")))
+    return ("\n".join(summary) + "\n\n" + "\n".join(per_fold) + "\n\n"
+            f"{cfg.backbones[0].name} at {cfg.backbones[0].image_size or 'its default'} px, {c.folds.n_splits} folds, "
+            f"{'a linear probe' if t.linear_probe else f'{t.frozen.epochs} frozen epochs'}, then {t.unfrozen.epochs} "
+            f"unfrozen epochs at lr {t.unfrozen.lr:g} (backbone x{t.unfrozen.backbone_lr_mult:g}), "
+            f"freeze_bn {t.freeze_bn}, adapt_bn {t.adapt_bn}; SWA over the last {t.swa_epochs} epochs. "
+            f"\"probe\" is the frozen head the unfrozen phase starts from. Fine-tuned (last and swa) above the frozen "
+            f"head on the hidden test in {sum(beats)} of {len(beats)} seeds; the highest loss of a first-10 unfrozen "
+            f"batch was {worst_first:.2f} (chance: {chance:.2f}).\n")

@@ -54,14 +54,19 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
 
 
-def save_resume(path: Path, model: nn.Module, optimizer, info: dict, ema: nn.Module | None = None) -> None:
-    """Model + optimizer (+ EMA) tensors and JSON ``info`` in one atomically written file."""
+def save_resume(path: Path, model: nn.Module, optimizer, info: dict, ema: nn.Module | None = None,
+                scaler=None, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Model + optimizer (+ EMA) tensors, JSON ``info`` and the AMP GradScaler's state (its loss
+    scale and growth counter: fp16 steps after a resume scale like the uninterrupted run's) in
+    one atomically written file."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(optimizer) if optimizer is not None else ({}, None)
     tensors.update(opt_tensors)
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    metadata = {"info": json.dumps(info, default=float), "optimizer": json.dumps(opt_meta)}
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})  # e.g. the SWA running average
+    metadata = {"info": json.dumps(info, default=float), "optimizer": json.dumps(opt_meta),
+                "scaler": json.dumps(scaler.state_dict() if scaler is not None else {})}
     with artifacts.atomic_path(path) as tmp:
         save_file(_contiguous(tensors), str(tmp), metadata=metadata)
 
@@ -73,7 +78,12 @@ def read_resume_info(path: Path) -> dict | None:
         return json.loads(f.metadata()["info"])
 
 
-def load_resume(path: Path, model: nn.Module, optimizer, ema: nn.Module | None = None) -> dict:
+def read_resume_extra(path: Path) -> dict[str, torch.Tensor]:
+    """The ``extra`` tensors :func:`save_resume` stored (empty when there were none)."""
+    return {k[len("extra."):]: v for k, v in load_file(str(path)).items() if k.startswith("extra.")}
+
+
+def load_resume(path: Path, model: nn.Module, optimizer, ema: nn.Module | None = None, scaler=None) -> dict:
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -87,4 +97,7 @@ def load_resume(path: Path, model: nn.Module, optimizer, ema: nn.Module | None =
     opt_meta = json.loads(meta["optimizer"])
     if optimizer is not None and opt_meta is not None:
         _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("opt.")}, opt_meta)
+    scaler_state = json.loads(meta.get("scaler", "{}"))
+    if scaler is not None and scaler_state:  # {}: saved without AMP scaling (or by an older version)
+        scaler.load_state_dict(scaler_state)
     return json.loads(meta["info"])

@@ -30,6 +30,8 @@ WEIGHTS_KINDS = ("hub", "bundled", "none")  # or a local file path
 ENSEMBLE_METHODS = ("mean", "weighted", "rank", "hill_climb", "stacking")
 PRUNERS = ("median", "hyperband", "wilcoxon", "none")
 SAMPLERS = ("tpe", "random")
+AMP_DTYPES = ("auto", "bf16", "fp16")
+KEEP = ("best", "last", "swa")  # which weights of a fold are kept (train.keep)
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -51,9 +53,12 @@ class DataConfig:
     image_extension: Optional[str] = None  # appended to ids that carry none; null: detect
     label_separator: str = " "  # multilabel labels in one column
     classes: Optional[list[str]] = None  # fixed class order; null: sorted unique values
+    positive_class: Optional[str] = None  # binary: the class `pred` is the probability of; null: second sorted
 
     def validate(self, key: str) -> None:
         _check(self.task in TASKS, f"{key}.task", f"'{self.task}' is not a task; valid: {', '.join(TASKS)}")
+        _check(self.positive_class is None or self.task == "binary", f"{key}.positive_class",
+               f"applies to binary tasks; data.task is {self.task} (set it to null)")
         _check(len(self.target_columns) >= 1, f"{key}.target_columns", "name at least one target column")
 
 
@@ -126,20 +131,24 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     mixup_prob: float = 1.0
     early_stopping_patience: Optional[int] = None
+    time_budget_min: Optional[float] = None  # fit train-folds into this many minutes (chooses unfrozen epochs)
+    min_unfrozen_epochs: int = 1  # early stopping never ends the unfrozen phase before this many epochs
+    keep: str = "best"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
+    swa_epochs: int = 2
     freeze_bn: bool = False  # unfrozen phase: BatchNorm keeps its pretrained running statistics
     adapt_bn: bool = False  # re-estimate BatchNorm statistics on the train images before the frozen phase
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA only
+    amp_dtype: str = "auto"  # auto (bf16 on compute capability 8.0+, else fp16) | bf16 | fp16
     channels_last: bool = True  # CUDA only
-    compile: bool = False
+    compile: bool = False  # torch.compile the training forward and prediction (falls back to eager)
     num_workers: Optional[int] = None  # null: sized to the machine
     cache_images: bool = False  # decoded, resized images in memory
     cache_features: bool = True  # frozen phase on cached pooled features when possible
     linear_probe: bool = False  # fit the head to convergence on cached features (LP-FT)
     use_tuned: str = "auto"  # auto (use tune/best.json when present) | true | false
     seed: int = 42
-    deterministic: bool = False
-    log_every: int = 0
+    deterministic: bool = False  # deterministic kernels, cuDNN without autotuning (slower)
 
     def validate(self, key: str) -> None:
         self.frozen.validate(f"{key}.frozen")
@@ -156,6 +165,13 @@ class TrainConfig:
         _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                f"{key}.early_stopping_patience", "must be >= 1 or null")
         _check(self.use_tuned in ("auto", "true", "false"), f"{key}.use_tuned", "valid: auto, true, false")
+        _check(self.keep in KEEP, f"{key}.keep", f"'{self.keep}' is not a choice; valid: {', '.join(KEEP)}")
+        _check(self.swa_epochs >= 1, f"{key}.swa_epochs", "must be at least 1")
+        _check(self.time_budget_min is None or self.time_budget_min > 0, f"{key}.time_budget_min",
+               "must be > 0 minutes or null")
+        _check(self.min_unfrozen_epochs >= 0, f"{key}.min_unfrozen_epochs", "must be >= 0")
+        _check(self.amp_dtype in AMP_DTYPES, f"{key}.amp_dtype",
+               f"'{self.amp_dtype}' is not a precision; valid: {', '.join(AMP_DTYPES)}")
         _check(self.num_workers is None or self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import artifacts
+from pipeline.augment import TTA_VIEWS
 from pipeline.backbones import pooled_features
 from pipeline.fit import Runtime
 
@@ -21,21 +22,23 @@ _MEMORY: dict[str, torch.Tensor] = {}
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, loader, runtime: Runtime) -> torch.Tensor:
-    """Pooled features (N, D) in the loader's order, through the frozen backbone in eval mode."""
+def compute_features(model: nn.Module, loader, runtime: Runtime, view: str = "identity") -> torch.Tensor:
+    """Pooled features (N, D) in the loader's order, through the frozen backbone in eval mode, of
+    the images as the test-time augmentation ``view`` shows them."""
     model.eval()
-    chunks = []
+    chunks, transform = [], TTA_VIEWS[view]
     for x, _ in loader:
         with runtime.autocast():
-            chunks.append(pooled_features(model, runtime.images(x)).float())
+            chunks.append(pooled_features(model, transform(runtime.images(x))).float())
     return torch.cat(chunks)
 
 
-def cached_features(key: str, cache_dir: Path | None, compute) -> tuple[torch.Tensor, str]:
-    """Features for ``key`` from memory, disk, or ``compute()``; returns (features, source)."""
+def cached_features(key: str, cache_dir: Path | None, compute, name: str = "train") -> tuple[torch.Tensor, str]:
+    """Features for ``key`` from memory, disk, or ``compute()``; returns (features, source).
+    ``name`` starts the file name (``train``, ``test-hflip``, ...)."""
     if key in _MEMORY:
         return _MEMORY[key], "memory"
-    path = cache_dir / f"train-{key[:16]}.safetensors" if cache_dir else None
+    path = cache_dir / f"{name}-{key[:16]}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         feats = load_file(str(path))["features"]
         source = "disk"

@@ -6,6 +6,7 @@ batches, evaluation, and prediction with test-time augmentation.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,6 +45,8 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+    compile: bool = False
+    _compiled: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, tcfg: TrainConfig, mean, std, device: str | None = None) -> "Runtime":
@@ -55,13 +57,13 @@ class Runtime:
             raise PipelineError(f"train.device is '{name}' but CUDA is not available; use train.device=cpu or auto")
         dev = torch.device(name)
         cuda = dev.type == "cuda"
-        amp_dtype = None
-        if cuda and tcfg.amp:
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if tcfg.deterministic:
+            make_deterministic()
+        amp_dtype = choose_amp_dtype(tcfg, dev)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         shape = (1, 3, 1, 1)
         return cls(dev, torch.tensor(mean, device=dev).view(shape), torch.tensor(std, device=dev).view(shape),
-                   amp_dtype, cuda and tcfg.channels_last, scaler)
+                   amp_dtype, cuda and tcfg.channels_last, scaler, tcfg.compile)
 
     @property
     def cuda(self) -> bool:
@@ -81,6 +83,91 @@ class Runtime:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
+
+    def maybe_compile(self, model: nn.Module) -> Callable:
+        """``train.compile``: the model's ``torch.compile`` wrapper, made once per model, for
+        forward passes only; weights are saved from ``model`` itself, so their keys carry no
+        ``_orig_mod.`` prefix. Where compiling is unsupported or fails, says so once and runs
+        the model uncompiled."""
+        if not self.compile:
+            return model
+        if id(model) not in self._compiled:
+            self._compiled[id(model)] = (model, _CompileOrEager(model))  # the model kept alive: ids stay unique
+        return self._compiled[id(model)][1]
+
+
+def choose_amp_dtype(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """``train.amp_dtype`` on CUDA: bf16 where the GPU computes it natively (compute capability
+    8.0+: A100, L4, H100, RTX 30xx+), else fp16 with a GradScaler. ``is_bf16_supported()`` is not
+    asked: it is also true where bf16 is emulated (T4, V100, P100), which is slow."""
+    if device.type != "cuda" or not tcfg.amp:
+        return None
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+    if tcfg.amp_dtype == "bf16" and not native_bf16:
+        print("train.amp_dtype: bf16 is emulated on this GPU (compute capability < 8.0) and slow; fp16 is faster")
+    if tcfg.amp_dtype == "auto":
+        return torch.bfloat16 if native_bf16 else torch.float16
+    return torch.bfloat16 if tcfg.amp_dtype == "bf16" else torch.float16
+
+
+def make_deterministic() -> None:
+    """``train.deterministic``: deterministic kernels where torch has them (a warning, not an error,
+    where it has none), cuDNN without autotuning, and cuBLAS's deterministic workspace. Slower."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+class _CompileOrEager:
+    """Calls ``torch.compile(model)``; compilation happens at the first call (and at a new input
+    shape), so that is where it can fail: then one line says why and the model runs eagerly.
+    After one failure the process stops trying (``broken``), so later folds do not pay again."""
+
+    broken: str | None = None
+
+    def __init__(self, model: nn.Module):
+        self.model, self.compiled = model, None
+        if _CompileOrEager.broken is None:
+            reason = _compile_unsupported()
+            try:
+                self.compiled = None if reason else torch.compile(model)
+            except Exception as exc:  # e.g. older torch on Windows or a new Python
+                reason = f"torch.compile is unsupported here ({type(exc).__name__}: {_first_line(exc)})"
+            if reason:
+                self._give_up(reason)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None and _CompileOrEager.broken is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise  # not the compiler's fault
+            except Exception as exc:  # dynamo/inductor raise many types (no C compiler, no Triton, ...)
+                self._give_up(f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})")
+        return self.model(*args, **kwargs)
+
+    def _give_up(self, reason: str) -> None:
+        _CompileOrEager.broken, self.compiled = reason, None
+        print(f"train.compile: {reason}; running uncompiled")
+
+    def __getattr__(self, name):  # train()/eval() and friends act on the model
+        return getattr(self.model, name)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _compile_unsupported() -> str | None:
+    """Why ``torch.compile`` cannot run here, or None."""
+    try:
+        from torch._dynamo.eval_frame import is_dynamo_supported
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.compile"
+    if not is_dynamo_supported():
+        return f"torch {torch.__version__} does not support torch.compile on this Python/platform"
+    return None
 
 
 def seed_everything(*parts: int) -> int:
@@ -160,15 +247,49 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, phase: PhaseConfig, fro
     return create_optimizer_v2(groups, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay)
 
 
-def build_scheduler(optimizer, phase: PhaseConfig, updates_per_epoch: int):
-    """Linear warmup then cosine decay to ``lr x min_lr_ratio``, stepped per optimizer update
-    (timm's scheduler; group LRs keep their ``lr_scale`` ratio throughout)."""
-    min_lr = phase.lr * phase.min_lr_ratio
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(phase.epochs, 1),
-                                       warmup_epochs=phase.warmup_epochs, warmup_lr=min_lr, min_lr=min_lr,
-                                       step_on_epochs=False, updates_per_epoch=max(updates_per_epoch, 1),
-                                       warmup_prefix=True)
-    return scheduler
+LR_SCHEDULE = "warmup within the phase, cosine to lr x min_lr_ratio at its last update"  # tune studies record it
+
+
+def lr_factor(update: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The LR of 0-based ``update`` as a fraction of the peak: linear from ``min_ratio`` to 1 over
+    ``warmup`` updates, then cosine to exactly ``min_ratio`` at the last update (``total - 1``).
+    A pure function of the update index, so a resumed run follows the same schedule."""
+    if total <= 1:
+        return 1.0  # one update: there is no schedule to follow, it runs at the peak
+    warmup = min(warmup, total - 2)  # warmup is part of the budget; the last update decays
+    if update < warmup:
+        return min_ratio + (1.0 - min_ratio) * update / warmup
+    progress = min(1.0, (update - warmup) / (total - 1 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PhaseSchedule:
+    """Per-update LR of one phase: ``step_update(n)`` sets the LR that update ``n`` (0-based) uses,
+    ``lr x lr_factor(n) x`` each group's ``lr_scale`` (backbone multiplier, timm's layer decay).
+    Warmup is inside the phase's ``epochs``, so its last update runs at ``lr x min_lr_ratio``."""
+
+    def __init__(self, optimizer, phase: PhaseConfig, updates_per_epoch: int):
+        self.optimizer, self.lr, self.min_ratio = optimizer, phase.lr, phase.min_lr_ratio
+        per_epoch = max(updates_per_epoch, 1)
+        self.total = max(phase.epochs, 1) * per_epoch
+        self.warmup = int(phase.warmup_epochs * per_epoch + 0.5)  # fractional epochs: nearest update
+        self.step_update(0)
+
+    def factor(self, update: int) -> float:
+        return lr_factor(update, self.total, self.warmup, self.min_ratio)
+
+    def step_update(self, num_updates: int, metric=None) -> None:
+        lr = self.lr * self.factor(num_updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def build_scheduler(optimizer, phase: PhaseConfig, updates_per_epoch: int) -> PhaseSchedule:
+    """Linear warmup from ``lr x min_lr_ratio`` to ``lr``, then cosine to ``lr x min_lr_ratio`` at
+    the phase's last update, stepped per optimizer update (group LRs keep their ``lr_scale`` ratio).
+    timm's cosine scheduler is not used: it adds the warmup on top of ``num_epochs``, which cuts
+    the cosine off early (the last update of a 1-epoch phase ran at half the peak LR)."""
+    return PhaseSchedule(optimizer, phase, updates_per_epoch)
 
 
 def group_lrs(optimizer) -> dict[str, float]:
@@ -256,13 +377,14 @@ def run_batches(batches: Iterable, step_fn: Callable, stepper: Stepper, n_batche
 def predict_logits(model: nn.Module, loader, runtime: Runtime, views=("identity",)) -> list[torch.Tensor]:
     """Logits per TTA view for every image in ``loader`` (order preserved), on the CPU."""
     model.eval()
+    net = runtime.maybe_compile(model)
     out: list[list[torch.Tensor]] = [[] for _ in views]
     fns = [TTA_VIEWS[v] for v in views]
     for x, _ in loader:
         x = runtime.images(x)
         with runtime.autocast():
             for k, fn in enumerate(fns):
-                out[k].append(model(fn(x)).float().cpu())
+                out[k].append(net(fn(x)).float().cpu())
     return [torch.cat(o) for o in out]
 
 

@@ -7,11 +7,13 @@ experiment's are replaced), a Markdown copy ``leaderboard.md`` and ``leaderboard
 scores with mean and spread; correlation of the models' OOF predictions: low correlation between
 good models is what makes an ensemble gain).
 
-Columns: ``experiment, model, kind (backbone|ensemble), metric, cv_mean, cv_std, oof, nested_cv
-(ensembles: the honest score of what the ensemble learned), public_lb (when known), submission
-(its CSV, when it exists), created_at, lrs`` (backbones: the learning rates they trained with and
-their source, ``tuned`` or ``config``, from ``lr_source.json``); this experiment's rows sorted by ``oof`` in the metric's
-direction.
+Columns: ``experiment, model, kind (backbone|ensemble), metric, score, cv_mean, cv_std, oof,
+nested_cv (ensembles: the honest score of what the ensemble learned), public_lb (when known),
+submission (its CSV, when it exists), created_at, lrs`` (backbones: the learning rates they trained
+with and their source, ``tuned`` or ``config``, from ``lr_source.json``); this experiment's rows
+sorted by ``score`` in the metric's direction. ``score`` is the honest number to compare: an
+ensemble's ``nested_cv`` (a blend fitted on OOF rows scores itself optimistically on them), a
+backbone's ``cv_mean``.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from pipeline.errors import PipelineError, first_few
 from pipeline.metrics import get_metric
 from pipeline.paths import Paths
 
-COLUMNS = ["experiment", "model", "kind", "metric", "cv_mean", "cv_std", "oof", "nested_cv", "public_lb",
-           "submission", "created_at", "lrs"]
+COLUMNS = ["experiment", "model", "kind", "metric", "score", "cv_mean", "cv_std", "oof", "nested_cv", "cv_untuned",
+           "honesty", "public_lb", "submission", "created_at", "lrs"]
 LOG_COLUMNS = ["created_at", "experiment", "competition", "file", "message", "status", "public_lb", "private_lb"]
 LOG_SCORES = ("public_lb", "private_lb")
 
@@ -103,6 +105,26 @@ def _stats(scores: list[float]) -> tuple[float, float]:
     return (float(np.mean(finite)), float(np.std(finite))) if finite else (float("nan"), float("nan"))
 
 
+def honest_score(frame: pd.DataFrame) -> pd.Series:
+    """Per row: ``nested_cv`` where there is one (ensembles; for ``mean``/``rank``, which learn
+    nothing, it equals ``cv_mean``), else ``cv_mean`` (backbones)."""
+    nested = pd.to_numeric(frame["nested_cv"], errors="coerce").astype(float)
+    return nested.fillna(pd.to_numeric(frame["cv_mean"], errors="coerce"))
+
+
+def honesty(cv: dict, kind: str) -> str:
+    """How far a row's score can be trusted, in a few words: nested CV for fitted blends; for a
+    backbone, whether its epochs were picked on the rows it is scored on and whether its LRs were
+    tuned on some of its folds (``cv_untuned`` is then the CV of the others)."""
+    if kind == "ensemble":
+        return "nested CV" if cv.get("nested_cv") is not None else "plain average"
+    parts = ["optimistic: epoch picked on validation" if str(cv.get("selection", "")).startswith("optimistic")
+             else "untouched folds"]
+    if cv.get("tuned_folds"):
+        parts.append(f"LRs tuned on folds {cv['tuned_folds']}")
+    return "; ".join(parts)
+
+
 def _entries(cfg: Config) -> list[tuple[str, str, Path, Path, Path]]:
     """(model, kind, cv.json, submission, oof.csv) of every configured backbone and ensemble method."""
     paths = Paths(cfg)
@@ -124,6 +146,7 @@ def collect(cfg: Config) -> tuple[pd.DataFrame, dict[str, list[float]], dict[str
         rows.append({"experiment": cfg.name, "model": model, "kind": kind, "metric": cv["metric"],
                      "cv_mean": mean, "cv_std": std, "oof": _number(cv["oof"]),
                      "nested_cv": _number(cv.get("nested_cv")) if kind == "ensemble" else float("nan"),
+                     "cv_untuned": _number(cv.get("cv_untuned")), "honesty": honesty(cv, kind),
                      "public_lb": public_score(log, submission),
                      "submission": str(submission) if submission.exists() else "",
                      "created_at": _created_at(cv, cv_path),
@@ -133,12 +156,13 @@ def collect(cfg: Config) -> tuple[pd.DataFrame, dict[str, list[float]], dict[str
         raise PipelineError(f"no cv.json for experiment '{cfg.name}' under {Paths(cfg).exp_dir}; "
                             f"run `make train-folds` (and `make ensemble`) first")
     frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["score"] = honest_score(frame)
     greater = get_metric(cfg.metric).greater_is_better
     other = sorted(set(frame["metric"]) - {cfg.metric})
     if other:
         print(f"leaderboard: note: some rows were scored on {', '.join(other)}, not metric '{cfg.metric}'; "
               f"re-run train/ensemble with --force to compare like with like")
-    return frame.sort_values("oof", ascending=not greater, na_position="last", kind="stable"), folds, oofs
+    return frame.sort_values("score", ascending=not greater, na_position="last", kind="stable"), folds, oofs
 
 
 def merge(cfg: Config, mine: pd.DataFrame) -> pd.DataFrame:
@@ -153,6 +177,7 @@ def merge(cfg: Config, mine: pd.DataFrame) -> pd.DataFrame:
     if "experiment" not in old.columns:
         raise PipelineError(f"leaderboard {path} has no 'experiment' column; delete it to rebuild")
     others = old[old["experiment"] != cfg.name].reindex(columns=COLUMNS)
+    others["score"] = others["score"].fillna(honest_score(others))  # rows written before the column existed
     return pd.concat([mine, others], ignore_index=True) if len(others) else mine.reset_index(drop=True)
 
 

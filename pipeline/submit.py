@@ -41,7 +41,7 @@ from pipeline import artifacts
 from pipeline.config import Config
 from pipeline.data import read_csv, read_train_table, require_columns, task_spec
 from pipeline.errors import PipelineError, first_few
-from pipeline.leaderboard import LOG_COLUMNS, read_submissions_log, run_leaderboard
+from pipeline.leaderboard import LOG_COLUMNS, honest_score, read_submissions_log, run_leaderboard
 from pipeline.metrics import get_metric, hard_labels
 from pipeline.paths import Paths
 from pipeline.tasks import TaskSpec
@@ -394,11 +394,14 @@ def _best_cv(cfg: Config, metric_name: str) -> str:
         return "no leaderboard yet (make leaderboard)"
     board = pd.read_csv(path)
     board = board[(board["experiment"].astype(str) == cfg.name) & (board["metric"] == metric_name)]
-    board = board.dropna(subset=["oof"])
+    if "score" not in board.columns:  # a leaderboard written before the column existed
+        board = board.assign(score=honest_score(board))
+    board = board.dropna(subset=["score"])
     if not len(board):
         return f"no {metric_name} CV on the leaderboard for {cfg.name}"
-    best = board.sort_values("oof", ascending=not get_metric(metric_name).greater_is_better).iloc[0]
-    return f"best CV on the leaderboard: {best['model']} OOF {best['oof']:.4f}"
+    best = board.sort_values("score", ascending=not get_metric(metric_name).greater_is_better).iloc[0]
+    kind = "nested CV" if pd.notna(best.get("nested_cv")) else "CV"
+    return f"best CV on the leaderboard: {best['model']} {best['score']:.4f} ({kind})"
 
 
 def run_score(cfg: Config, file, solution) -> float:

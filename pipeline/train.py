@@ -11,6 +11,7 @@ run killed after epoch e and resumed ends exactly where an uninterrupted run wou
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -27,13 +28,14 @@ from torch import nn
 
 from pipeline import artifacts, checkpoints, distributed
 from pipeline.augment import ImageCache, eval_transform, train_transform
+from pipeline.budget import planned_config
 from pipeline.backbones import (adapt_batchnorm, check_model_name, create_backbone, data_config, freeze_batchnorm_stats,
                                 frozen_train_mode, pooled_features, set_frozen)
 from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
 from pipeline.data import PATH, ImageDataset, SeededSampler, read_folds, read_test_table, task_spec
 from pipeline.errors import PipelineError
 from pipeline.features import cached_features, compute_features
-from pipeline.fit import (Runtime, Stepper, activate_mean, build_optimizer, build_scheduler, default_workers,
+from pipeline.fit import (LR_SCHEDULE, Runtime, Stepper, activate_mean, build_optimizer, build_scheduler, default_workers,
                           group_lrs, make_loss, predict_logits, run_batches, score, seed_everything)
 from pipeline.metrics import get_metric
 from pipeline.paths import Paths
@@ -44,21 +46,57 @@ from pipeline.tasks import TaskSpec
 
 def apply_tuned(cfg: Config, bcfg: BackboneConfig) -> tuple[Config, dict]:
     """Config with the tune stage's best LRs when ``train.use_tuned`` says so; and where each
-    LR came from (``config`` or the best.json path)."""
+    LR came from (``config`` or the best.json path).
+
+    LRs tuned for one objective (image size, budget, augmentation, data, ...) are no evidence
+    for another, so best.json's recorded objective is compared with this config's: ``auto``
+    then falls back to the config's LRs, ``true`` uses the tuned ones; both print the changes."""
     path = Paths(cfg).tuned_params(bcfg.name)
     use = cfg.train.use_tuned == "true" or (cfg.train.use_tuned == "auto" and path.exists())
     if not use:
         return cfg, {"lr_source": "config"}
     if not path.exists():
         raise PipelineError(f"train.use_tuned is true but {path} does not exist; run `make tune` first")
-    params = artifacts.read_json(path)["params"]
+    best = artifacts.read_json(path)
+    params = best["params"]
+    changes = tuned_objective_changes(cfg, bcfg, best)
+    if changes and cfg.train.use_tuned == "auto":
+        print(f"{bcfg.name}: {path} was tuned for another objective ({'; '.join(changes)}); using the config's "
+              f"LRs (`make tune` re-tunes; train.use_tuned=true uses the tuned LRs anyway)")
+        return cfg, {"lr_source": "config", "stale_tuned": str(path), "objective_changes": changes}
+    if changes:
+        print(f"{bcfg.name}: train.use_tuned is true: using the LRs of {path}, tuned for another objective "
+              f"({'; '.join(changes)})")
     frozen, unfrozen, train = cfg.train.frozen, cfg.train.unfrozen, cfg.train
     frozen = dataclasses.replace(frozen, lr=params.get("frozen_lr", frozen.lr))
     unfrozen = dataclasses.replace(unfrozen, lr=params.get("unfrozen_lr", unfrozen.lr),
                                    backbone_lr_mult=params.get("backbone_lr_mult", unfrozen.backbone_lr_mult))
     train = dataclasses.replace(train, frozen=frozen, unfrozen=unfrozen,
                                 weight_decay=params.get("weight_decay", train.weight_decay))
-    return cfg.replace(train=train), {"lr_source": str(path), "tuned": params}
+    source = {"lr_source": str(path), "tuned": params}
+    return cfg.replace(train=train), {**source, "objective_changes": changes} if changes else source
+
+
+def tuned_objective_changes(cfg: Config, bcfg: BackboneConfig, best: dict) -> list[str]:
+    """``key: tuned -> now`` for each setting of the study's objective (recorded in best.json by the
+    tune stage) that this config changes; empty when they match."""
+    from pipeline.tune import objective_parts, tune_budget  # tune imports this module
+
+    recorded = best.get("objective")
+    if recorded is None:
+        return ["best.json records no objective (written by an older version; `make tune` rewrites it)"]
+    try:
+        current = objective_parts(cfg, bcfg, tune_budget(cfg), dict.fromkeys(best["params"]))
+    except PipelineError as exc:
+        return [f"the tune settings no longer apply ({exc})"]
+    current = json.loads(json.dumps(current))  # as best.json holds it (lists, not tuples)
+    return [f"{k}: {_short(recorded.get(k))} -> {_short(current.get(k))}"
+            for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -92,6 +130,7 @@ class FoldResult:
     oof: pd.DataFrame | None = None
     test: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    kept: str = ""  # which weights the fold kept (train.keep), e.g. "epoch 3 (unfrozen)"
 
 
 class FoldTrainer:
@@ -117,10 +156,16 @@ class FoldTrainer:
         if len(self.valid_idx) == 0:
             raise PipelineError(f"fold {job.fold} has no validation rows; folds run 0..{folds.max()}")
         self.y = job.spec.encode(job.table)
+        # regression: the loss and head in units of this fold's train targets; predictions in the original
+        self.job = job = dataclasses.replace(job, spec=job.spec.fit_targets(self.y[self.train_idx]))
+        self.loss_fn = job.spec.scaled_loss(self.loss_fn)
         self.y_t = torch.from_numpy(np.array(self.y))
         self.cache = self._image_cache()
-        self.state = {"epoch": -1, "updates": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
-        self.best_in_memory: dict | None = None
+        self.state = {"epoch": -1, "updates": 0, "best": None, "best_epoch": -1, "best_unfrozen": None,
+                      "bad_epochs": 0, "swa_count": 0, "history": []}
+        self.best_in_memory: dict | None = None  # the kept weights when there is no fold folder (tuning)
+        self.swa: dict[str, torch.Tensor] | None = None  # train.keep swa: running average of the eval weights
+        self.batch_losses: list[float] | None = None  # set to a list to record every unfrozen batch's loss
         self.ema = None
         self.notes: list[str] = []
         if self.tcfg.adapt_bn:
@@ -191,23 +236,26 @@ class FoldTrainer:
         self.state.update(info)
         print(f"fold {self.job.fold}: resuming after epoch {info['epoch']} ({info['phase']} phase)")
 
-    def _save_epoch(self, row: dict, optimizer, improved: bool) -> None:
-        eval_model = self.ema.module if self.ema is not None else self.model
-        if not distributed.is_main():
-            if improved:
-                self.best_in_memory = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
-            return
-        if improved:
-            if self.fold_dir is None:
-                self.best_in_memory = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
-            else:
-                checkpoints.save_weights(self.fold_dir / "best.safetensors", eval_model)
-        if self.fold_dir is None:
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _keep(self, model: nn.Module) -> None:
+        """These weights are the fold's model so far: ``best.safetensors`` (in memory when tuning)."""
+        if self.fold_dir is None or not distributed.is_main():
+            self.best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            checkpoints.save_weights(self.fold_dir / "best.safetensors", model)
+
+    def _save_epoch(self, row: dict, optimizer, keep: bool) -> None:
+        if keep:
+            self._keep(self.eval_model)
+        if self.fold_dir is None or not distributed.is_main():
             return
         artifacts.write_csv(self.fold_dir / "history.csv", pd.DataFrame(self.state["history"]))
         info = {**self.state, "digest": self.job.digest, "phase": row["phase"]}
         checkpoints.save_resume(self.fold_dir / "resume.safetensors", self.model, optimizer, info,
-                                self.ema.module if self.ema is not None else None)
+                                self.ema.module if self.ema is not None else None, self.rt.scaler, self.swa)
 
     def _end_epoch(self, epoch: int, phase: str, lrs: dict, train_stats: dict, valid_logits: torch.Tensor,
                    optimizer) -> bool:
@@ -218,19 +266,22 @@ class FoldTrainer:
         value = score(self.metric, self.job.spec, self.y[self.valid_idx], preds)
         improved = self.metric.better(value, self.state["best"])
         if improved:
-            self.state.update(best=value, best_epoch=epoch, bad_epochs=0)
-        elif phase == "unfrozen":
-            self.state["bad_epochs"] += 1
+            self.state.update(best=value, best_epoch=epoch)
+        if phase == "unfrozen":  # patience counts against the unfrozen phase's own best: the BatchNorm
+            # switch may cost the first epochs a drop below the frozen head that later ones recover
+            if self.metric.better(value, self.state["best_unfrozen"]):
+                self.state.update(best_unfrozen=value, bad_epochs=0)
+            else:
+                self.state["bad_epochs"] += 1
         row = {"epoch": epoch, "phase": phase, **lrs, "train_loss": train_stats["train_loss"],
                "valid_loss": valid_loss, f"valid_{self.metric.name}": value,
                "seconds": train_stats["seconds"], "images_per_s": train_stats["images_per_s"]}
         self.state["history"].append(row)
         self.state["epoch"] = epoch
-        self._save_epoch(row, optimizer, improved)
+        self._save_epoch(row, optimizer, keep=improved if self.tcfg.keep == "best" else True)
         if self.job.report is not None:
             self.job.report(epoch, value)
-        patience = self.tcfg.early_stopping_patience
-        return phase == "unfrozen" and patience is not None and self.state["bad_epochs"] >= patience
+        return phase == "unfrozen" and self._stopped_early()
 
     # ------------------------------------------------------------------ frozen phase
     def use_feature_cache(self) -> bool:
@@ -242,26 +293,38 @@ class FoldTrainer:
             return False
         return True
 
-    def frozen_features(self) -> torch.Tensor:
-        """Pooled features of every train row (identity view), cached across folds."""
-        key = self._images_key()
-        loader = self._loader(self._dataset(distributed.shard(np.arange(len(self.job.table))), train=False))
-        feats, source = cached_features(key, self.job.feature_cache_dir if distributed.is_main() else None,
-                                        lambda: distributed.gather_rows(compute_features(self.model, loader, self.rt)))
+    def frozen_features(self, view: str = "identity", test: bool = False) -> torch.Tensor:
+        """Pooled features of every train (or test) row as TTA ``view`` shows them, through the frozen
+        backbone: one pass per backbone, view and image set, cached in memory and on disk so that
+        every fold (and, when nothing is unfrozen, every prediction) reuses it."""
+        table = self.job.test if test else self.job.table
+        name = f"{'test' if test else 'train'}{'' if view == 'identity' else '-' + view}"
+        key = self._images_key() + ("" if name == "train" else "-" + name + artifacts.fingerprint(list(table[PATH])))
+        loader = self._loader(self._dataset(distributed.shard(np.arange(len(table))), train=False, test=test))
+        compute = lambda: distributed.gather_rows(compute_features(self.model, loader, self.rt, view))  # noqa: E731
+        feats, source = cached_features(key, self.job.feature_cache_dir if distributed.is_main() else None, compute, name)
         if source != "memory":
-            print(f"frozen phase: features of {len(feats)} images {source} ({'cache' if source == 'disk' else 'one pass'})")
+            print(f"frozen backbone: features of {len(feats)} {name} images {source} "
+                  f"({'cache' if source == 'disk' else 'one pass'})")
         return feats.to(self.rt.device)
+
+    def frozen_only(self) -> bool:
+        """Nothing is unfrozen and the head trained on cached features: the backbone is the
+        pretrained one in every fold, so predictions are the head applied to cached features."""
+        t, a = self.tcfg, self.job.cfg.augment
+        return t.unfrozen.epochs == 0 and t.cache_features and not (a.frozen_phase and a.train)
 
     def frozen_phase(self, phase: PhaseConfig, start_epoch: int) -> None:
         set_frozen(self.model, True)
         head = self.model.get_classifier()
         optimizer = build_optimizer(self.model, self.tcfg, phase, frozen=True)
         steps = -(-len(self.train_idx) // self.batch_size)
-        scheduler = build_scheduler(optimizer, phase, steps)
+        updates = -(-steps // self.tcfg.grad_accum)  # the Stepper steps every grad_accum batches
+        scheduler = build_scheduler(optimizer, phase, updates)
         if start_epoch > 0:
             self._load_resume(optimizer)
-        stepper = Stepper(optimizer, scheduler, self.rt, self.tcfg, head.parameters(), steps_per_epoch=steps,
-                          start_update=start_epoch * steps)
+        stepper = Stepper(optimizer, scheduler, self.rt, self.tcfg, head.parameters(), steps_per_epoch=updates,
+                          start_update=start_epoch * updates)
         scheduler.step_update(stepper.updates)
         feats = self.frozen_features() if self.use_feature_cache() else None
         y_dev = self.y_t.to(self.rt.device)
@@ -337,6 +400,9 @@ class FoldTrainer:
         done = start_epoch - first_epoch
         if done > 0:
             self._load_resume(optimizer)
+            if self.state["swa_count"]:
+                self.swa = checkpoints.read_resume_extra(self.fold_dir / "resume.safetensors")
+        swa_from = first_epoch + phase.epochs - self.tcfg.swa_epochs  # train.keep swa: the epochs averaged
         stepper = Stepper(optimizer, scheduler, self.rt, self.tcfg, self.model.parameters(), self.ema,
                           updates_per_epoch, start_update=done * updates_per_epoch)
         stepper.ema_source = self.model
@@ -345,7 +411,7 @@ class FoldTrainer:
         train_ds = self._dataset(self.train_idx, train=True)
         sampler = SeededSampler(len(train_ds), distributed=distributed.enabled(), drop_last=drop_last)
         loader = self._loader(train_ds, sampler=sampler, drop_last=drop_last, persistent=True)  # one for all epochs
-        self.net = self._ddp(self.model)
+        self.net = self.rt.maybe_compile(self._ddp(self.model))  # forward only; weights saved from self.model
         for epoch in range(start_epoch, first_epoch + phase.epochs):
             seed = seed_everything(self.tcfg.seed, self.job.fold, epoch)
             sampler.set_epoch(seed)
@@ -353,11 +419,40 @@ class FoldTrainer:
             lrs = group_lrs(optimizer)
             stats = run_batches(loader, lambda b: self._model_loss(b, mixup), stepper, len(loader),
                                 self._desc("unfrozen", epoch), self.job.progress)
-            eval_model = self.ema.module if self.ema is not None else self.model
-            valid_logits = self._predict(eval_model, self.valid_idx)[0]
+            if self.tcfg.keep == "swa" and epoch >= swa_from:
+                self._swa_update()
+            valid_logits = self._predict(self.eval_model, self.valid_idx)[0]
             if self._end_epoch(epoch, "unfrozen", lrs, stats, valid_logits, optimizer):
                 print(f"fold {self.job.fold}: early stopping after epoch {epoch}")
                 break
+
+    def _swa_update(self) -> None:
+        """Fold this epoch's evaluated weights into the running average (float tensors only)."""
+        n = self.state["swa_count"]
+        current = {k: v.detach().float().clone() for k, v in self.eval_model.state_dict().items()
+                   if v.is_floating_point()}
+        if self.swa is None:
+            self.swa = current
+        else:
+            for k, v in current.items():
+                self.swa[k] += (v - self.swa[k]) / (n + 1)
+        self.state["swa_count"] = n + 1
+
+    def _finish_swa(self) -> None:
+        """``train.keep: swa``: the averaged weights, with BatchNorm statistics recomputed for them on
+        the fold's train images (unless ``train.freeze_bn`` keeps them fixed), become the kept model,
+        scored on the validation rows like an epoch."""
+        model = self.eval_model
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.swa.items()}, strict=False)
+        if not self.tcfg.freeze_bn:
+            loader = self._loader(self._dataset(self.train_idx, train=False))
+            with torch.no_grad(), self.rt.autocast():
+                adapt_batchnorm(model, (self.rt.images(x) for x, _ in loader))
+        self._keep(model)
+        value = score(self.metric, self.job.spec, self.y[self.valid_idx],
+                      self.job.spec.activate(self._predict(model, self.valid_idx)[0].numpy()))
+        self.state["kept"] = f"swa of {self.state['swa_count']} unfrozen epochs"
+        self.state["kept_score"] = value
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -370,7 +465,10 @@ class FoldTrainer:
         if mixup is not None:
             x, y = mixup(x, y.long())
         with self.rt.autocast():
-            return self.loss_fn(self.net(x), y), len(x)
+            loss = self.loss_fn(self.net(x), y)
+        if self.batch_losses is not None:  # the finetune benchmark's record (a device sync per batch)
+            self.batch_losses.append(float(loss.detach()))
+        return loss, len(x)
 
     def _ddp(self, model: nn.Module) -> nn.Module:
         if not distributed.enabled():
@@ -392,11 +490,13 @@ class FoldTrainer:
         if not self.tcfg.ema:
             return None
         from timm.utils import ModelEmaV3
-        return ModelEmaV3(self.model, decay=self.tcfg.ema_decay)
+        # warmup: decay 1 - (1 + update)^(-2/3), capped at ema_decay, so that a short run's EMA follows
+        # the fine-tuning (with a fixed 0.998, after 50 updates it is still 90% the weights of update 1)
+        return ModelEmaV3(self.model, decay=self.tcfg.ema_decay, use_warmup=True)
 
     def _load_resume(self, optimizer) -> None:
         checkpoints.load_resume(self.fold_dir / "resume.safetensors", self.model, optimizer,
-                                self.ema.module if self.ema is not None else None)
+                                self.ema.module if self.ema is not None else None, self.rt.scaler)
 
     # ------------------------------------------------------------------ predictions
     def _predict(self, model: nn.Module, rows: np.ndarray, test: bool = False, views=("identity",)):
@@ -418,6 +518,8 @@ class FoldTrainer:
     def predictions(self) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         """OOF (validation rows) and test predictions of the best weights, averaged over TTA views."""
         spec, views, id_col = self.job.spec, self.job.cfg.augment.tta, self.job.cfg.data.id_column
+        if self.frozen_only():
+            return self._head_predictions()
         logits = self._predict(self.final_model, self.valid_idx, views=views)
         ids = self.job.table[id_col].to_numpy()[self.valid_idx]
         oof = spec.predictions_frame(ids, activate_mean(spec, logits), id_col)
@@ -428,6 +530,27 @@ class FoldTrainer:
             test = spec.predictions_frame(self.job.test[id_col], activate_mean(spec, logits), id_col)
         return oof, test
 
+    @torch.no_grad()
+    def _head_predictions(self) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        """:meth:`predictions` of a frozen-only model from cached per-view features: the backbone
+        sees each image and view once per backbone, not once per fold."""
+        spec, views, id_col = self.job.spec, self.job.cfg.augment.tta, self.job.cfg.data.id_column
+        head = self.final_model.get_classifier().eval()
+        rows = torch.as_tensor(self.valid_idx)
+
+        def logits(view: str, test: bool, rows=None) -> torch.Tensor:
+            feats = self.frozen_features(view, test)
+            return head(feats if rows is None else feats[rows.to(feats.device)]).float().cpu()
+
+        oof = spec.predictions_frame(self.job.table[id_col].to_numpy()[self.valid_idx],
+                                     activate_mean(spec, [logits(v, False, rows) for v in views]), id_col)
+        oof.insert(1, "fold", self.job.fold)
+        test = None
+        if self.job.test is not None:
+            test = spec.predictions_frame(self.job.test[id_col], activate_mean(spec, [logits(v, True) for v in views]),
+                                          id_col)
+        return oof, test
+
     # ------------------------------------------------------------------ the fold
     def run(self) -> FoldResult:
         train = self.tcfg
@@ -435,7 +558,7 @@ class FoldTrainer:
         self._resume()
         start = self.state["epoch"] + 1
         if self.fold_dir is not None and start > 0 and start >= n_frozen:  # frozen phase already done
-            checkpoints.load_resume(self.fold_dir / "resume.safetensors", self.model, None)
+            checkpoints.load_resume(self.fold_dir / "resume.safetensors", self.model, None, scaler=self.rt.scaler)
         if start < n_frozen and train.linear_probe:
             self.linear_probe_phase()
             start = self.state["epoch"] + 1
@@ -444,19 +567,50 @@ class FoldTrainer:
             start = self.state["epoch"] + 1
         if n_unfrozen > 0 and start < n_frozen + n_unfrozen and not self._stopped_early():
             self.unfrozen_phase(train.unfrozen, n_frozen, max(start, n_frozen))
-        if self.state["best_epoch"] < 0:  # no epoch ran: the initial weights are the best we have
-            self.best_in_memory = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            if self.fold_dir is not None and distributed.is_main():
-                checkpoints.save_weights(self.fold_dir / "best.safetensors", self.model)
+        if train.keep == "swa" and self.state["swa_count"]:
+            if self.swa is None:  # resumed after the last epoch
+                self.swa = checkpoints.read_resume_extra(self.fold_dir / "resume.safetensors")
+            self._finish_swa()
+        elif self.state["best_epoch"] < 0:  # no epoch ran: the initial weights are the best we have
+            self._keep(self.model)
+        self._describe_kept()
         self._load_best()
         oof = test = None
         if self.fold_dir is not None or self.job.test is not None:
             oof, test = self.predictions()
-        return FoldResult(self.state["best"], self.state["best_epoch"], self.state["history"], oof, test, self.notes)
+        return FoldResult(self.state.get("kept_score", self.state["best"]), self.state["best_epoch"],
+                          self.state["history"], oof, test, self.notes, self.state.get("kept", ""))
+
+    def _describe_kept(self) -> None:
+        """Which weights the fold keeps (``train.keep``), their validation score, and a note when the
+        unfrozen phase ended below the frozen head it started from."""
+        history, key = self.state["history"], f"valid_{self.metric.name}"
+        if not history:
+            return
+        frozen = [row[key] for row in history if row["phase"] == "frozen"]
+        unfrozen = [row[key] for row in history if row["phase"] == "unfrozen"]
+        head = "linear probe" if self.tcfg.linear_probe else "frozen head"
+        if self.tcfg.keep == "best":
+            best = history[[row["epoch"] for row in history].index(self.state["best_epoch"])]
+            self.state.update(kept=f"epoch {best['epoch']} ({best['phase']})", kept_score=best[key])
+        elif self.tcfg.keep == "last" or not self.state["swa_count"]:
+            self.state.update(kept=f"epoch {history[-1]['epoch']} ({history[-1]['phase']}, last)",
+                              kept_score=history[-1][key])
+        if not (frozen and unfrozen):
+            return
+        probe = frozen[-1]
+        if self.tcfg.keep == "best" and "frozen" in self.state["kept"]:
+            self.notes.append(f"fold {self.job.fold}: no unfrozen epoch beat the {head} on the validation rows "
+                              f"({self.metric.name} {probe:.4f}); the {head} is kept")
+        elif self.tcfg.keep != "best" and not self.metric.better(self.state["kept_score"], probe):
+            self.notes.append(f"fold {self.job.fold}: the kept weights ({self.state['kept']}) score "
+                              f"{self.state['kept_score']:.4f} on the validation rows, below the {head}'s {probe:.4f}")
 
     def _stopped_early(self) -> bool:
         patience = self.tcfg.early_stopping_patience
-        return patience is not None and self.state["bad_epochs"] >= patience
+        unfrozen = sum(row["phase"] == "unfrozen" for row in self.state["history"])
+        return (patience is not None and self.state["bad_epochs"] >= patience
+                and unfrozen >= self.tcfg.min_unfrozen_epochs)
 
 
 class _Subset:
@@ -479,6 +633,8 @@ def train_fold(job: FoldJob) -> FoldResult:
     result = FoldTrainer(job).run()
     if job.out_dir is not None and distributed.is_main():
         artifacts.write_csv(job.out_dir / "oof.csv", result.oof)
+        artifacts.write_json(job.out_dir / "kept.json", {"kept": result.kept, "keep": job.cfg.train.keep,
+                                                         "valid_score": result.best_score, "notes": result.notes})
         if result.test is not None:
             artifacts.write_csv(job.out_dir / "test.csv", result.test)
         artifacts.mark_done(_fold_outputs(job.out_dir, job.test is not None), job.digest)
@@ -487,14 +643,14 @@ def train_fold(job: FoldJob) -> FoldResult:
 
 
 def _fold_outputs(fold_dir: Path, with_test: bool) -> list[Path]:
-    outs = [fold_dir / "oof.csv", fold_dir / "history.csv", fold_dir / "best.safetensors"]
+    outs = [fold_dir / "oof.csv", fold_dir / "history.csv", fold_dir / "best.safetensors", fold_dir / "kept.json"]
     return outs + [fold_dir / "test.csv"] if with_test else outs
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-RUN_ONLY_KEYS = ("num_workers", "use_tuned", "log_every", "device")  # train.* keys that change how, not what
+RUN_ONLY_KEYS = ("num_workers", "use_tuned", "device")  # train.* keys that change how, not what
 
 
 def result_train_config(cfg: Config) -> dict:
@@ -507,7 +663,8 @@ def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:
     paths = Paths(cfg)
     train = result_train_config(cfg)
     part = {"data": dataclasses.asdict(cfg.data), "metric": cfg.metric, "train": train,
-            "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "fold": fold}
+            "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "fold": fold,
+            "lr_schedule": LR_SCHEDULE}
     inputs = [paths.folds_csv, paths.sample_submission] + ([paths.train_csv] if paths.train_csv else [])
     return artifacts.fingerprint(part, inputs)
 
@@ -517,9 +674,18 @@ def fold_is_done(cfg: Config, bcfg: BackboneConfig, fold: int) -> bool:
     return artifacts.is_up_to_date(_fold_outputs(fold_dir, True), fold_digest(cfg, bcfg, fold))
 
 
+def total_epochs(train) -> int:
+    """Epochs a fold runs: the frozen ones (one for a linear probe) plus the unfrozen ones."""
+    return (1 if train.linear_probe else train.frozen.epochs) + train.unfrozen.epochs
+
+
 def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table: pd.DataFrame,
-                       test: pd.DataFrame) -> dict:
-    """Per-backbone ``oof.csv`` (every train row once), fold-averaged ``test.csv``, ``cv.json``."""
+                       test: pd.DataFrame, tuned_folds: list[int] | None = None) -> dict:
+    """Per-backbone ``oof.csv`` (every train row once), fold-averaged ``test.csv``, ``cv.json``.
+
+    Two selections on validation rows make a CV optimistic, and cv.json says which happened:
+    ``train.keep: best`` picks each fold's epoch by its own validation score (``selection``), and
+    a tune study picked the LRs on ``tuned_folds``; ``cv_untuned`` is the mean over the other folds."""
     paths, id_col, metric = Paths(cfg), cfg.data.id_column, get_metric(cfg.metric, spec.task)
     n = cfg.folds.n_splits
     oofs = [pd.read_csv(paths.fold_dir(bcfg.name, k) / "oof.csv", dtype={id_col: str}) for k in range(n)]
@@ -540,6 +706,14 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
     cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better,
           "folds": [finite(v) for v in fold_scores], "oof": finite(score(metric, spec, y, preds)),
           "cv_mean": finite(np.nanmean(fold_scores)), "cv_std": finite(np.nanstd(fold_scores))}
+    untouched = [s for k, s in enumerate(fold_scores) if k not in (tuned_folds or [])]
+    kept = [artifacts.read_json(paths.fold_dir(bcfg.name, k) / "kept.json")["kept"] for k in range(n)]
+    cv.update(tuned_folds=sorted(tuned_folds or []),
+              cv_untuned=finite(np.nanmean(untouched)) if untouched else None,
+              keep=cfg.train.keep, kept=kept,
+              selection=("optimistic: each fold's epoch was picked on its own validation rows"
+                         if cfg.train.keep == "best" and total_epochs(cfg.train) > 1 else
+                         "none: the kept weights were fixed before the validation rows were scored"))
     artifacts.write_csv(paths.oof_csv(bcfg.name), oof)
     artifacts.write_csv(paths.test_csv(bcfg.name), test_frame)
     artifacts.write_json(paths.cv_json(bcfg.name), cv)
@@ -548,8 +722,8 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
 
 def _summary(bcfg: BackboneConfig, fold: int, result: FoldResult, metric: str, seconds: float) -> str:
     epochs = len(result.history)
-    return (f"{bcfg.name} fold {fold}: best {metric} {result.best_score:.4f} at epoch {result.best_epoch} "
-            f"({epochs} epochs this run, {seconds:.0f} s)")
+    return (f"{bcfg.name} fold {fold}: kept {result.kept}, validation {metric} {result.best_score:.4f} "
+            f"({epochs} epochs, {seconds:.0f} s)")
 
 
 def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None, jobs: int = 1,
@@ -564,10 +738,15 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
     if fold is not None and not 0 <= fold < cfg.folds.n_splits:
         raise PipelineError(f"--fold {fold} is out of range; folds are 0..{cfg.folds.n_splits - 1}")
     backbones = [cfg.backbone(backbone)] if backbone else list(cfg.backbones)
+    gpus = torch.cuda.device_count()  # train.time_budget_min: one fold process per GPU
+    if cfg.train.time_budget_min is not None and distributed.enabled():
+        raise PipelineError("train.time_budget_min plans single-process runs; under torchrun set "
+                            "train.unfrozen.epochs yourself (train.time_budget_min=null)")
     for bcfg in backbones:  # fail before any training on a typo in a later backbone
         check_model_name(bcfg.name)
     for bcfg in backbones:
         bcfg_cfg, source = apply_tuned(cfg, bcfg)
+        bcfg_cfg, plan = planned_config(bcfg_cfg, bcfg, spec, spec.encode(table), len(test), max(jobs, gpus))
         bdir = paths.backbone_dir(bcfg.name)
         if main:
             _write_resolved(bcfg_cfg, bcfg, source, bdir)
@@ -575,18 +754,32 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
               f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
         todo = [k for k in ([fold] if fold is not None else range(cfg.folds.n_splits))
                 if force or not fold_is_done(bcfg_cfg, bcfg, k)]
-        if jobs > 1 and len(todo) > 1:
-            _train_parallel(bcfg, todo, jobs, bdir / "config.yaml", force)
+        n_jobs = plan.jobs if plan is not None else jobs
+        if n_jobs > 1 and len(todo) > 1:
+            _train_parallel(bcfg, todo, n_jobs, bdir / "config.yaml", force)
         else:
             for k in todo:
                 _train_one(bcfg_cfg, bcfg, spec, table, test, k)
                 distributed.barrier()
         if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
-            cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test)
-            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-            print(f"{bcfg.name}: CV {cv['metric']} {fmt(cv['cv_mean'])} +- {fmt(cv['cv_std'])}, OOF {fmt(cv['oof'])} "
-                  f"-> {paths.cv_json(bcfg.name)}")
+            tuned_folds = list(cfg.tune.folds) if "tuned" in source else []
+            cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test, tuned_folds)
+            print(f"{bcfg.name}: CV {cv['metric']} {_fmt(cv['cv_mean'])} +- {_fmt(cv['cv_std'])}, OOF {_fmt(cv['oof'])} "
+                  f"-> {paths.cv_json(bcfg.name)}\n  {honesty_note(cv)}")
     return paths.exp_dir
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def honesty_note(cv: dict) -> str:
+    """One line on how far a backbone's CV can be trusted: epoch selection and tuning folds."""
+    parts = [f"epoch selection {cv['selection']}"]
+    if cv.get("tuned_folds"):
+        parts.append(f"the LRs were tuned on folds {cv['tuned_folds']}, which are inside this CV; "
+                     f"the untouched folds score {_fmt(cv['cv_untuned'])}")
+    return "; ".join(parts)
 
 
 def _write_resolved(cfg: Config, bcfg: BackboneConfig, source: dict, bdir: Path) -> None:

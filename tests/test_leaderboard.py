@@ -21,8 +21,9 @@ OOF = {  # model -> (kind, oof score)
 }
 
 
-def make_board(tmp_path, metric="accuracy", name="exp", scores=OOF):
-    """Config and fake backbone/ensemble outputs (cv.json with per-fold scores, oof.csv)."""
+def make_board(tmp_path, metric="accuracy", name="exp", scores=OOF, nested=None):
+    """Config and fake backbone/ensemble outputs (cv.json with per-fold scores, oof.csv); an
+    ensemble's ``nested_cv`` is its OOF score - 0.01 unless ``nested`` gives it."""
     cfg = config_from_dict({
         "name": name, "metric": metric, "runs_dir": str(tmp_path / "runs"), "folds_dir": str(tmp_path / "folds"),
         "submissions_dir": str(tmp_path / "submissions"), "data": {"id_column": "image_id"},
@@ -35,7 +36,7 @@ def make_board(tmp_path, metric="accuracy", name="exp", scores=OOF):
         cv = {"metric": metric, "greater_is_better": metric == "accuracy", "folds": [oof - 0.02, oof + 0.02],
               "oof": oof}
         if kind == "ensemble":
-            cv["nested_cv"] = oof - 0.01
+            cv["nested_cv"] = (nested or {}).get(model, oof - 0.01)
         (d / "cv.json").write_text(json.dumps(cv))
         oof_frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(20)], "fold": [0, 1] * 10,
                                   "pred_a": rng.uniform(size=20), "pred_b": rng.uniform(size=20)})
@@ -54,6 +55,7 @@ def test_lists_every_model_sorted_for_a_greater_is_better_metric(tmp_path, capsy
     assert board["cv_std"].tolist() == pytest.approx([0.02] * 4)
     nested = board.set_index("model")["nested_cv"]
     assert nested["mean"] == pytest.approx(0.84) and np.isnan(nested["alpha"])
+    assert board["score"].tolist() == pytest.approx([0.84, 0.80, 0.74, 0.70])  # nested_cv, else cv_mean
     assert path.with_suffix(".md").read_text().count("\n") == 2 + len(OOF)
     assert path.with_suffix(".png").stat().st_size > 1000
     out = capsys.readouterr().out
@@ -113,3 +115,22 @@ def test_shows_where_each_backbones_learning_rates_came_from(tmp_path):
     assert lrs["alpha"] == "tuned: frozen 1e-02, unfrozen 2e-03, backbone x0.5"
     assert lrs["beta"] == "config: frozen 3e-03, unfrozen 1e-03, backbone x0.1"
     assert lrs[["mean", "hill_climb"]].isna().all()
+
+
+# in-sample OOF flatters the blends fitted on it; their nested CV says they do not beat alpha
+HONEST = {"alpha": ("backbone", 0.80), "beta": ("backbone", 0.70), "mean": ("ensemble", 0.82),
+          "hill_climb": ("ensemble", 0.86), "weighted": ("ensemble", 0.85)}
+NESTED = {"mean": 0.82, "hill_climb": 0.78, "weighted": 0.79}
+
+
+@pytest.mark.parametrize("metric, order", [
+    ("accuracy", ["mean", "alpha", "weighted", "hill_climb", "beta"]),
+    ("log_loss", ["beta", "hill_climb", "weighted", "alpha", "mean"]),
+])
+def test_ranked_by_the_honest_score_not_the_in_sample_oof(tmp_path, metric, order):
+    cfg = make_board(tmp_path, metric, scores=HONEST, nested=NESTED)
+    board = pd.read_csv(run_leaderboard(cfg))
+    assert board["model"].tolist() == order  # by OOF: hill_climb, weighted, mean, alpha, beta
+    score = board.set_index("model")["score"]
+    assert score[["hill_climb", "weighted", "mean"]].tolist() == pytest.approx([0.78, 0.79, 0.82])  # nested_cv
+    assert score[["alpha", "beta"]].tolist() == pytest.approx([0.80, 0.70])  # cv_mean
