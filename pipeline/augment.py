@@ -32,8 +32,21 @@ TTA_VIEWS = {
 }
 
 
-def _resize(size: int, interpolation: str) -> A.BasicTransform:
-    return A.Resize(size, size, interpolation=INTERPOLATION.get(interpolation, cv2.INTER_CUBIC))
+RESIZE_POLICIES = ("crop", "squash", "pad")
+
+
+def _resize(size: int, interpolation: str, policy: str = "crop") -> A.BasicTransform:
+    """Any image to ``size`` x ``size``: ``crop`` scales the shorter side to ``size`` and takes the
+    centre (aspect ratio kept, the long side's edges lost), ``squash`` scales both sides (nothing
+    lost, shapes distorted), ``pad`` scales the longer side and pads with black (nothing lost or
+    distorted, a smaller object). Square images give the same pixels under all three."""
+    interp = INTERPOLATION.get(interpolation, cv2.INTER_CUBIC)
+    if policy == "squash":
+        return A.Resize(size, size, interpolation=interp)
+    if policy == "crop":
+        return A.Compose([A.SmallestMaxSize(max_size=size, interpolation=interp), A.CenterCrop(size, size)])
+    return A.Compose([A.LongestMaxSize(max_size=size, interpolation=interp),
+                      A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0)])
 
 
 def build_user_transform(spec: dict, index: int) -> A.BasicTransform:
@@ -50,14 +63,14 @@ def build_user_transform(spec: dict, index: int) -> A.BasicTransform:
         raise PipelineError(f"config key augment.train[{index}] ({name}): bad arguments {spec}: {exc}") from None
 
 
-def train_transform(specs: list[dict], size: int, interpolation: str) -> A.Compose:
+def train_transform(specs: list[dict], size: int, interpolation: str, resize: str = "crop") -> A.Compose:
     user = [build_user_transform(s, i) for i, s in enumerate(specs)]
-    return A.Compose([_resize(size, interpolation), *user, ToTensorV2()])
+    return A.Compose([_resize(size, interpolation, resize), *user, ToTensorV2()])
 
 
-def eval_transform(size: int, interpolation: str) -> A.Compose:
-    """Deterministic: resize the whole image (competition images are seen whole, not cropped)."""
-    return A.Compose([_resize(size, interpolation), ToTensorV2()])
+def eval_transform(size: int, interpolation: str, resize: str = "crop") -> A.Compose:
+    """Deterministic: the image brought to ``size`` by the ``resize`` policy."""
+    return A.Compose([_resize(size, interpolation, resize), ToTensorV2()])
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -72,11 +85,11 @@ class ImageCache:
     remaining transforms (and results) are unchanged; only file decoding and resizing are saved.
     """
 
-    def __init__(self, paths, size: int, interpolation: str, threads: int = 4):
+    def __init__(self, paths, size: int, interpolation: str, threads: int = 4, resize: str = "crop"):
         from pipeline.data import load_image
 
         paths = list(paths)
-        resize = _resize(size, interpolation)
+        resize = _resize(size, interpolation, resize)
         self.array = np.empty((len(paths), size, size, 3), dtype=np.uint8)
 
         def fill(i: int) -> None:

@@ -103,7 +103,7 @@ def bench_lpft(cfg: Config, folds: tuple[int, ...] = (0, 1, 2)) -> str:
     means = {}
     t = cfg.train
     for label, probe in ((f"{t.frozen.epochs} head epochs at lr {t.frozen.lr:g}", False),
-                         ("linear probe (L-BFGS, L2 chosen on validation)", True)):
+                         ("linear probe (L-BFGS, L2 by held-out loss on the train rows)", True)):
         c = base.replace(train=dataclasses.replace(base.train, linear_probe=probe))
         rows = [_train(c, k) for k in folds]
         print(f"bench lpft: {label}: {rows}")

@@ -173,6 +173,23 @@ class TrainConfig:
         _check(self.amp_dtype in AMP_DTYPES, f"{key}.amp_dtype",
                f"'{self.amp_dtype}' is not a precision; valid: {', '.join(AMP_DTYPES)}")
         _check(self.num_workers is None or self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _check_optimizer(self.optimizer, f"{key}.optimizer")
+
+
+def _check_optimizer(name: str, key: str) -> None:
+    """The optimizer must be one timm's ``create_optimizer_v2`` knows (``lookahead_`` prefix allowed)."""
+    import timm.optim  # local import: timm is heavy and most keys do not need it
+
+    if not hasattr(timm.optim, "list_optimizers"):  # timm < 1.0.10: no registry to ask
+        return
+    known = timm.optim.list_optimizers()
+    base = name.lower().removeprefix("lookahead_")
+    if base not in known:
+        import difflib
+        close = difflib.get_close_matches(base, known, n=5, cutoff=0.6)
+        hint = f"did you mean: {', '.join(close)}" if close else "common ones: adamw, adam, sgd, lamb, lion"
+        raise PipelineError(f"config key '{key}': '{name}' is not a timm optimizer; {hint} "
+                            f"(timm.optim.list_optimizers() lists all {len(known)})")
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,7 @@ class AugmentConfig:
     # albumentations transform names with their arguments, applied to train images only
     train: list[dict] = field(default_factory=lambda: [{"name": "HorizontalFlip", "p": 0.5}])
     frozen_phase: bool = False  # augment during the frozen phase too (disables the feature cache)
+    resize: str = "crop"  # crop (shorter side, centre) | squash | pad: how every image becomes square
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
 
     def validate(self, key: str) -> None:
@@ -187,9 +205,33 @@ class AugmentConfig:
         for i, spec in enumerate(self.train):
             _check(isinstance(spec, dict) and "name" in spec, f"{key}.train[{i}]",
                    "each transform is a mapping with a 'name' (an albumentations class) and its arguments")
+        for i, spec in enumerate(self.train):  # names and arguments now, not after a phase has written files
+            _check_transform(spec, f"{key}.train[{i}]", i)
         _check(len(self.tta) >= 1, f"{key}.tta", "list at least one view (identity)")
+        _check(self.resize in ("crop", "squash", "pad"), f"{key}.resize",
+               f"'{self.resize}' is not a resize policy; valid: crop, squash, pad")
         for view in self.tta:
             _check(view in TTA_VIEWS, f"{key}.tta", f"'{view}' is not a TTA view; valid: {', '.join(TTA_VIEWS)}")
+
+
+def _check_transform(spec: dict, key: str, index: int) -> None:
+    """Build the transform once; albumentations only warns about an unknown argument (``pp: 0.5``
+    for ``p``), which would silently train without it: refuse that too."""
+    import warnings
+
+    from pipeline.augment import build_user_transform
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            build_user_transform(spec, index)
+        except PipelineError as exc:  # pydantic's validation report spans lines: one line of it
+            lines = [line.strip() for line in str(exc).splitlines() if "further information" not in line]
+            raise PipelineError("; ".join(line for line in lines if line)) from None
+    for w in caught:
+        if "not valid for transform" in str(w.message):
+            raise PipelineError(f"config key {key} ({spec['name']}): {' '.join(str(w.message).split())}; "
+                                f"check the argument names in albumentations' documentation")
 
 
 @dataclass(frozen=True)

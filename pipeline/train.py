@@ -29,13 +29,14 @@ from torch import nn
 from pipeline import artifacts, checkpoints, distributed
 from pipeline.augment import ImageCache, eval_transform, train_transform
 from pipeline.budget import planned_config
-from pipeline.backbones import (adapt_batchnorm, check_model_name, create_backbone, data_config, freeze_batchnorm_stats,
-                                frozen_train_mode, pooled_features, set_frozen)
+from pipeline.backbones import (adapt_batchnorm, check_model_name, check_weights, create_backbone, data_config,
+                                freeze_batchnorm_stats, frozen_train_mode, pooled_features, set_frozen)
 from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
-from pipeline.data import PATH, ImageDataset, SeededSampler, read_folds, read_test_table, task_spec
+from pipeline.data import (PATH, ImageDataset, SeededSampler, check_images_readable, read_folds, read_test_table,
+                           task_spec)
 from pipeline.errors import PipelineError
 from pipeline.features import cached_features, compute_features
-from pipeline.fit import (LR_SCHEDULE, Runtime, Stepper, activate_mean, build_optimizer, build_scheduler, default_workers,
+from pipeline.fit import (LR_SCHEDULE, NonFiniteLoss, Runtime, Stepper, activate_mean, build_optimizer, build_scheduler, default_workers,
                           group_lrs, make_loss, predict_logits, run_batches, score, seed_everything)
 from pipeline.metrics import get_metric
 from pipeline.paths import Paths
@@ -186,6 +187,7 @@ class FoldTrainer:
     def _images_key(self) -> str:
         return artifacts.fingerprint({"backbone": dataclasses.asdict(self.job.bcfg), "size": self.dc["size"],
                                       "seed": self.tcfg.seed, "adapt_bn": self.tcfg.adapt_bn,
+                                      "resize": self.job.cfg.augment.resize,
                                       "ids": list(map(str, self.job.table.iloc[:, 0])),
                                       "paths": list(self.job.table[PATH])})
 
@@ -198,11 +200,12 @@ class FoldTrainer:
             paths += list(self.job.test[PATH])
         print(f"image cache: {len(paths)} images at {size}px take "
               f"{ImageCache.bytes_needed(len(paths), size) / 2**20:.1f} MiB of memory")
-        return ImageCache(paths, size, self.dc["interpolation"])
+        return ImageCache(paths, size, self.dc["interpolation"], resize=self.job.cfg.augment.resize)
 
     def _dataset(self, rows: np.ndarray, train: bool, test: bool = False) -> ImageDataset:
         size, interp = self.dc["size"], self.dc["interpolation"]
-        transform = train_transform(self.job.cfg.augment.train, size, interp) if train else eval_transform(size, interp)
+        aug = self.job.cfg.augment
+        transform = train_transform(aug.train, size, interp, aug.resize) if train else eval_transform(size, interp, aug.resize)
         table = self.job.test if test else self.job.table
         cache = None
         if self.cache is not None:
@@ -262,6 +265,10 @@ class FoldTrainer:
         """Score the epoch, log it, checkpoint it; True when early stopping says stop."""
         valid_y = self.y_t[self.valid_idx]
         valid_loss = float(self.loss_fn(valid_logits, valid_y))
+        if not (np.isfinite(valid_loss) and bool(torch.isfinite(valid_logits).all())):  # diverged: stop, save nothing
+            raise NonFiniteLoss(f"the validation outputs became NaN/inf ({self._desc(phase, epoch)}): training "
+                                f"diverged. Lower the learning rate (train.frozen.lr / train.unfrozen.lr) or enable "
+                                f"train.grad_clip")
         preds = self.job.spec.activate(valid_logits.numpy())
         value = score(self.metric, self.job.spec, self.y[self.valid_idx], preds)
         improved = self.metric.better(value, self.state["best"])
@@ -364,16 +371,17 @@ class FoldTrainer:
         feats = self.frozen_features()
         start = time.perf_counter()
         tr, va = (torch.as_tensor(i, device=feats.device) for i in (self.train_idx, self.valid_idx))
-        weight, bias, strength, _ = fit_linear_probe(self.job.spec, self.metric, self.loss_fn, feats[tr],
-                                                     self.y_t[self.train_idx].to(feats.device), feats[va],
-                                                     self.y[self.valid_idx])
+        weight, bias, strength = fit_linear_probe(self.job.spec, self.loss_fn, feats[tr],
+                                                  self.y_t[self.train_idx].to(feats.device),
+                                                  seed=self.tcfg.seed + self.job.fold)
         with torch.no_grad():
             head.weight.copy_(weight)
             head.bias.copy_(bias)
             train_loss = float(self.loss_fn(head(feats[tr]).float(), self.y_t[self.train_idx].to(feats.device)))
             valid_logits = head(feats[va]).float().cpu()
         seconds = time.perf_counter() - start
-        self.notes.append(f"linear probe: L2 {strength:g} chosen on the validation rows, fitted in {seconds:.1f} s")
+        self.notes.append(f"linear probe: L2 {strength:g} chosen by held-out loss on the train rows, "
+                          f"fitted in {seconds:.1f} s")
         stats = {"train_loss": train_loss, "seconds": seconds, "images_per_s": len(tr) / max(seconds, 1e-9)}
         self._end_epoch(0, "frozen", {"lr_head": float("nan"), "lr_backbone": 0.0}, stats, valid_logits, None)
         set_frozen(self.model, False)
@@ -630,7 +638,14 @@ def _seed_worker(worker_id: int) -> None:
 
 def train_fold(job: FoldJob) -> FoldResult:
     """Train one fold (resuming when a matching resume file exists); write its files."""
-    result = FoldTrainer(job).run()
+    trainer = FoldTrainer(job)
+    try:
+        result = trainer.run()
+    except NonFiniteLoss as exc:  # say what is kept: nothing when the first epoch already diverged
+        epochs = len(trainer.state["history"])
+        kept = (f"the last good epoch ({trainer.state['epoch']}) is kept in {job.out_dir}" if epochs and job.out_dir
+                else "no epoch finished, so no checkpoint was kept")
+        raise NonFiniteLoss(f"{exc}; {kept}") from None
     if job.out_dir is not None and distributed.is_main():
         artifacts.write_csv(job.out_dir / "oof.csv", result.oof)
         artifacts.write_json(job.out_dir / "kept.json", {"kept": result.kept, "keep": job.cfg.train.keep,
@@ -688,14 +703,16 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
     a tune study picked the LRs on ``tuned_folds``; ``cv_untuned`` is the mean over the other folds."""
     paths, id_col, metric = Paths(cfg), cfg.data.id_column, get_metric(cfg.metric, spec.task)
     n = cfg.folds.n_splits
-    oofs = [pd.read_csv(paths.fold_dir(bcfg.name, k) / "oof.csv", dtype={id_col: str}) for k in range(n)]
+    oofs = [pd.read_csv(paths.fold_dir(bcfg.name, k) / "oof.csv", dtype={id_col: str}, keep_default_na=False)
+            for k in range(n)]  # keep_default_na=False: an id 'NA' is an id
     oof = pd.concat(oofs, ignore_index=True).set_index(id_col)
     ids = table[id_col].astype(str)
     if oof.index.duplicated().any() or set(oof.index) != set(ids):
         raise PipelineError(f"fold OOF files of {bcfg.name} do not cover every train row exactly once; "
                             f"re-run `make train-folds ARGS=--force`")
     oof = oof.loc[ids].reset_index()
-    tests = [spec.predictions_from_frame(pd.read_csv(paths.fold_dir(bcfg.name, k) / "test.csv", dtype={id_col: str}))
+    tests = [spec.predictions_from_frame(pd.read_csv(paths.fold_dir(bcfg.name, k) / "test.csv", dtype={id_col: str},
+                                                       keep_default_na=False))
              for k in range(n)]
     test_frame = spec.predictions_frame(test[id_col], np.mean(tests, axis=0), id_col)
     y = spec.encode(table)
@@ -744,6 +761,10 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
                             "train.unfrozen.epochs yourself (train.time_budget_min=null)")
     for bcfg in backbones:  # fail before any training on a typo in a later backbone
         check_model_name(bcfg.name)
+        check_weights(bcfg, f"backbones[{cfg.backbones.index(bcfg)}].weights")
+    check_images_readable(table, cfg.data.id_column, paths.train_dir)  # every image decodes, before any write
+    artifacts.check_writable(paths.exp_dir)
+    artifacts.remove_stale_temps(paths.exp_dir, recursive=True)
     for bcfg in backbones:
         bcfg_cfg, source = apply_tuned(cfg, bcfg)
         bcfg_cfg, plan = planned_config(bcfg_cfg, bcfg, spec, spec.encode(table), len(test), max(jobs, gpus))
