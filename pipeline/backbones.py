@@ -64,23 +64,53 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
     return mapped
 
 
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def _refusal(exc: Exception) -> str:
+    """The reason of a ``weights_only=True`` refusal, without PyTorch's advice to retry unsafely."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line for line in lines if "WeightsUnpickler error" in line or "Unsupported global" in line), None)
+    if reason is not None:
+        return (f"it is not a plain state dict of tensors ({reason.split('error:', 1)[-1].strip()}) and arbitrary "
+                f"pickles are refused; re-save it as a state dict (torch.save(model.state_dict(), path)) or as "
+                f".safetensors")
+    first = lines[0] if lines else type(exc).__name__
+    return f"it cannot be read as a PyTorch file ({first[:200]}); is it complete and a .pth/.bin of this model?"
+
+
+def read_weights_file(path: Path, key: str = "weights") -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise PipelineError(f"weights file {path} does not exist; weights is one of hub, bundled, none or a path")
+        raise PipelineError(f"weights file {path} (config key {key}) does not exist; weights is one of hub, bundled, "
+                            f"none or a path")
+    if path.is_dir():
+        raise PipelineError(f"weights file {path} (config key {key}) is a folder, not a file; point it at a "
+                            f".safetensors/.pth/.bin file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # SafetensorError: not safetensors, or truncated
+            line = " ".join(str(exc).split())[:200]
+            raise PipelineError(f"weights file {path} (config key {key}) is not a valid safetensors file ({line}); "
+                                f"replace it, or give a .pth/.bin file with that suffix") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise PipelineError(f"weights file {path} could not be loaded with weights_only=True "
-                                f"(arbitrary pickles are refused): {exc}") from None
+            raise PipelineError(f"weights file {path} (config key {key}) was refused: {_refusal(exc)}") from None
+    if not isinstance(state, dict):
+        raise PipelineError(f"weights file {path} (config key {key}) holds a {type(state).__name__}, not a state "
+                            f"dict of tensors; re-save it with torch.save(model.state_dict(), path)")
     for key in ("state_dict", "model", "state_dict_ema"):  # common training-checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def check_weights(bcfg: BackboneConfig, key: str) -> None:
+    """Before a stage writes anything: a weights file must be there and load (``hub`` and
+    ``bundled`` are checked when the model is built)."""
+    if bcfg.weights not in ("hub", "bundled", "none"):
+        read_weights_file(Path(bcfg.weights), key)
 
 
 def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> bool:

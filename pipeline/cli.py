@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, os_error_message
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a permission or full-disk error anywhere in a stage: one line, not a traceback
+        line = os_error_message(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished folds, epochs and trials are kept; re-run the same command to resume",

@@ -13,6 +13,7 @@ carries a ``_path`` column with the resolved image file; it is never written to 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError, first_few
+from pipeline.errors import PipelineError, first_few, quoted
 from pipeline.paths import Paths
 from pipeline.tasks import TaskSpec
 
@@ -34,13 +35,22 @@ PATH = "_path"
 # ---------------------------------------------------------------------------- tables
 
 
-def read_csv(path: Path, what: str, dtype=str) -> pd.DataFrame:
+def read_csv(path: Path, what: str, dtype=str, key: str | None = None) -> pd.DataFrame:
+    """A CSV with every cell as text; only truly empty cells are missing (``None``, ``NA``, ``null``
+    and ``nan`` are real ids and labels, not pandas' missing values)."""
+    where = f" (config key {key})" if key else ""
     if not path.exists():
-        raise PipelineError(f"{what} {path} does not exist; check data.root and the file name in the config")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise PipelineError(f"{what} {path}{where}: {parent} is a file, not a folder; check data.root")
+        raise PipelineError(f"{what} {path}{where} does not exist; check data.root and the file name in the config")
+    if path.is_dir():
+        raise PipelineError(f"{what} {path}{where} is a folder, not a file; point it at the CSV file")
     try:
-        return pd.read_csv(path, dtype=dtype)
+        return pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""])
     except Exception as exc:  # pandas raises many types for malformed files
-        raise PipelineError(f"{what} {path} could not be read as CSV: {exc}") from None
+        line = " ".join(str(exc).split())
+        raise PipelineError(f"{what} {path}{where} could not be read as CSV: {line}") from None
 
 
 def require_columns(frame: pd.DataFrame, columns, source: Path | str, key: str) -> None:
@@ -57,69 +67,107 @@ def _check_ids(frame: pd.DataFrame, id_column: str, source) -> None:
         raise PipelineError(f"{source}: empty id in column '{id_column}' at lines {first_few(rows)}")
     dup = ids[ids.duplicated(keep=False)]
     if len(dup):
-        raise PipelineError(f"{source}: duplicate ids in column '{id_column}': {first_few(dup.unique())} "
+        raise PipelineError(f"{source}: duplicate ids in column '{id_column}': {quoted(dup.unique())} "
                             f"({dup.nunique()} ids repeated); each image must appear once")
+    stripped = ids.astype(str).str.strip()
+    near = ids[stripped.duplicated(keep=False)]
+    if len(near):  # '1' and '1 ': two ids to pandas, one to whoever wrote the table
+        raise PipelineError(f"{source}: ids in column '{id_column}' differ only by surrounding spaces: "
+                            f"{quoted(near)}; remove the spaces so that each image appears once")
 
 
-def _image_index(directory: Path) -> dict[str, str]:
-    """Map both file names and stems of the images in ``directory`` to their names."""
+def _strip_labels(table: pd.DataFrame, columns) -> None:
+    """Labels without surrounding spaces (``'1 '`` is class ``'1'``); a cell of spaces only is empty."""
+    for col in columns:
+        values = table[col].str.strip()
+        table[col] = values.mask(values == "")
+
+
+def _image_index(directory: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Map both file names and stems of the images in ``directory`` to their names; and the stems
+    that more than one image shares (``x.png`` and ``x.jpg``) to those names."""
     index: dict[str, str] = {}
+    shared: dict[str, list[str]] = {}
     if not directory.is_dir():
-        return index
+        return index, shared
     with os.scandir(directory) as entries:
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: e.name):
             name = entry.name
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in IMAGE_SUFFIXES:
                 index[name] = name
+                if stem in index and index[stem] != name and stem not in (name,):
+                    shared.setdefault(stem, [index[stem]]).append(name)
                 index.setdefault(stem, name)
-    return index
+    return index, shared
 
 
 def resolve_image_paths(ids: pd.Series, directory: Path, extension: str | None, source) -> pd.Series:
     """Image file for each id (ids with or without extension); error listing missing ones."""
+    if directory.exists() and not directory.is_dir():
+        raise PipelineError(f"image folder {directory} (for {source}) is a file, not a folder; "
+                            f"check data.root, data.train_dir and data.test_dir")
     if not directory.is_dir():
         raise PipelineError(f"image folder {directory} does not exist (for {source}); "
                             f"check data.root, data.train_dir and data.test_dir")
-    index = _image_index(directory)
-    paths, missing = [], []
+    index, shared = _image_index(directory)
+    paths, missing, ambiguous = [], [], []
+    suffix = None if not extension else (extension if extension.startswith(".") else "." + extension)
     for image_id in ids.astype(str):
-        name = index.get(image_id)
-        if name is None and extension:
-            candidate = image_id + (extension if extension.startswith(".") else "." + extension)
-            name = candidate if (directory / candidate).exists() else None
+        name = image_id if image_id in index and index[image_id] == image_id else None  # the file name itself
+        if name is None and suffix and (directory / (image_id + suffix)).is_file():
+            name = image_id + suffix
+        if name is None and image_id in shared:
+            ambiguous.append(f"{image_id!r} ({' and '.join(shared[image_id])})")
+            continue
+        if name is None:
+            name = index.get(image_id)
         if name is None and (directory / image_id).is_file():  # ids with sub-paths
             name = image_id
         if name is None:
             missing.append(image_id)
         paths.append(str(directory / name) if name else None)
+    if ambiguous:
+        raise PipelineError(f"{len(ambiguous)} ids in {source} match more than one image in {directory}: "
+                            f"{first_few(ambiguous)}; keep one file per id, or set data.image_extension")
     if missing:
-        raise PipelineError(f"{len(missing)} ids in {source} have no image in {directory}: {first_few(missing)}; "
+        spaced = [i for i in missing if i != i.strip()]
+        hint = f" ({len(spaced)} of them have surrounding spaces: remove them in the table)" if spaced else ""
+        raise PipelineError(f"{len(missing)} ids in {source} have no image in {directory}: {quoted(missing)}{hint}; "
                             f"add the images or remove those rows (data.image_extension if ids lack one)")
     return pd.Series(paths, index=ids.index)
 
 
 def _unreadable(path: str) -> bool:
+    """True unless the whole image decodes: a truncated file (half a JPEG) fails here, where
+    reading only the header, or OpenCV, would give a partly grey image and a warning."""
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (64, 64))  # DCT scaling: every byte is still decoded, 10x faster
+                im.load()
         return False
     except Exception:
         return True
 
 
 def check_images_readable(frame: pd.DataFrame, id_column: str, source) -> None:
-    """Open every image header (threads: this is I/O bound); error listing unreadable ones."""
+    """Decode every image completely (threads: Pillow releases the GIL); error listing unreadable ones."""
     with ThreadPoolExecutor(max_workers=8) as pool:
         bad = list(pool.map(_unreadable, frame[PATH]))
-    bad_ids = frame.loc[np.asarray(bad, bool), id_column].tolist()
-    if bad_ids:
-        raise PipelineError(f"{len(bad_ids)} images for {source} cannot be read as images: {first_few(bad_ids)}; "
-                            f"replace or remove them")
+    rows = frame.loc[np.asarray(bad, bool)]
+    if len(rows):
+        shown = (f"{str(i)!r} ({os.path.basename(p)})" for i, p in zip(rows[id_column], rows[PATH]))
+        raise PipelineError(f"{len(rows)} images for {source} cannot be read as images (unreadable, truncated "
+                            f"or corrupt): {first_few(shown)}; replace or remove them")
 
 
 def _read_class_folders(cfg: Config, paths: Paths) -> pd.DataFrame:
     root = paths.train_dir
+    if root.exists() and not root.is_dir():
+        raise PipelineError(f"train folder {root} (config keys data.root, data.train_dir) is a file, not a folder")
     if not root.is_dir():
         raise PipelineError(f"train folder {root} does not exist; set data.root/data.train_dir, "
                             f"or data.train_csv for the CSV layout")
@@ -131,7 +179,13 @@ def _read_class_folders(cfg: Config, paths: Paths) -> pd.DataFrame:
     if not rows:
         raise PipelineError(f"train folder {root} has no class sub-folders with images "
                             f"({', '.join(IMAGE_SUFFIXES)}); for a CSV layout set data.train_csv")
-    return pd.DataFrame(rows, columns=[cfg.data.id_column, cfg.data.target_columns[0], PATH])
+    table = pd.DataFrame(rows, columns=[cfg.data.id_column, cfg.data.target_columns[0], PATH])
+    twins = table[table[cfg.data.id_column].duplicated(keep=False)]
+    if len(twins):  # x.png and x.jpg in one class folder: one id, two images
+        shown = [" and ".join(Path(p).name for p in group[PATH]) for _, group in twins.groupby(cfg.data.id_column)]
+        raise PipelineError(f"{len(shown)} ids in {root} match more than one image: {first_few(shown)} "
+                            f"(ids {quoted(twins[cfg.data.id_column].unique())}); keep one file per id")
+    return table
 
 
 def read_train_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
@@ -142,12 +196,13 @@ def read_train_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
         source = paths.train_dir
     else:
         source = paths.train_csv
-        table = read_csv(source, "train table")
+        table = read_csv(source, "train table", key="data.train_csv")
         require_columns(table, [d.id_column], source, "data.id_column")
         require_columns(table, d.target_columns, source, "data.target_columns")
         if d.group_column:
             require_columns(table, [d.group_column], source, "data.group_column")
         table[PATH] = None
+        _strip_labels(table, [*d.target_columns] + ([d.group_column] if d.group_column else []))
     _check_ids(table, d.id_column, source)
     _check_targets(table, cfg, source)
     if d.train_csv is not None:
@@ -166,21 +221,24 @@ def _check_targets(table: pd.DataFrame, cfg: Config, source) -> None:
         nan = table[col].isna()
         if nan.any():
             rows = table.loc[nan, d.id_column].tolist()
-            raise PipelineError(f"{source}: target column '{col}' is empty/NaN for {nan.sum()} rows, ids "
-                                f"{first_few(rows)}; fill or drop those rows")
+            raise PipelineError(f"{source}: target column '{col}' is empty for {nan.sum()} rows, ids "
+                                f"{quoted(rows)}; fill or drop those rows")
     if d.group_column:
         nan = table[d.group_column].isna()
         if nan.any():
             raise PipelineError(f"{source}: group column '{d.group_column}' is empty for ids "
-                                f"{first_few(table.loc[nan, d.id_column])}")
+                                f"{quoted(table.loc[nan, d.id_column])}; fill or drop those rows")
 
 
 def read_test_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
     """The sample submission's ids, in its order, with their test image paths."""
     paths, d = Paths(cfg), cfg.data
     source = paths.sample_submission
-    sample = read_csv(source, "sample submission")
+    sample = read_csv(source, "sample submission", key="data.sample_submission")
     require_columns(sample, [d.id_column], source, "data.id_column")
+    if sample.empty:
+        raise PipelineError(f"sample submission {source} (config key data.sample_submission) has a header and no "
+                            f"rows; it defines the test ids: use the competition's sample_submission.csv")
     _check_ids(sample, d.id_column, source)
     table = sample[[d.id_column]].copy()
     table[PATH] = resolve_image_paths(table[d.id_column], paths.test_dir, d.image_extension, source)

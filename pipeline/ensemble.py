@@ -477,6 +477,9 @@ def run_ensemble(cfg: Config, force: bool = False) -> Path:
         print(f"ensemble: {paths.ensemble_dir} is up to date (use --force to redo)")
         return paths.ensemble_dir
     inputs = load_inputs(cfg, backbones)
+    artifacts.check_writable(paths.ensemble_dir, paths.submissions_dir)  # before the first of many files
+    artifacts.remove_stale_temps(paths.submissions_dir)
+    artifacts.remove_stale_temps(paths.ensemble_dir, recursive=True)
     if "rank" in cfg.ensemble.methods and inputs.metric.name != "roc_auc":
         print(f"ensemble: note: rank averaging suits ranking metrics (roc_auc); {inputs.metric.name} "
               f"scores its [0, 1] ranks as they are")

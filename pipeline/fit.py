@@ -345,7 +345,7 @@ class Stepper:
 
     def check_finite(self, where: str) -> None:
         if bool(self._bad):
-            raise NonFiniteLoss(f"the loss became NaN/inf ({where}); the last good checkpoint is kept. "
+            raise NonFiniteLoss(f"the loss became NaN/inf ({where}); the fold stopped. "
                                 f"Lower the learning rate (train.frozen.lr / train.unfrozen.lr), enable "
                                 f"train.grad_clip, or check the targets for extreme values")
 

@@ -129,6 +129,8 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
     spec = task_spec(cfg, table)
     spec.encode(table)  # every target must encode, whatever the strategy looks at
     fold = assign_folds(table, spec, cfg)
+    artifacts.check_writable(out.parent)
+    artifacts.remove_stale_temps(out.parent)
     columns = [cfg.data.id_column, *cfg.data.target_columns]
     if cfg.data.group_column:
         columns.append(cfg.data.group_column)

@@ -207,18 +207,18 @@ def _not_a_csv(root):
 
 
 BAD_INPUTS = {  # name: (break the data, config overrides, error must match)
-    "missing image": (_missing_image, [], r"2 ids .* have no image .*img_0007, img_0012"),
-    "unreadable image": (_garbage_image, [], r"cannot be read as images: img_0011"),
-    "duplicate id": (_duplicate_id, [], r"duplicate ids in column 'image_id': img_0003"),
+    "missing image": (_missing_image, [], r"2 ids .* have no image .*'img_0007', 'img_0012'"),
+    "unreadable image": (_garbage_image, [], r"cannot be read as images .*: 'img_0011'"),
+    "duplicate id": (_duplicate_id, [], r"duplicate ids in column 'image_id': 'img_0003'"),
     "empty id": (_empty_id, [], r"empty id in column 'image_id' at lines 8"),
     "missing id column": (None, ["data.id_column=id"], r"no column id \(config key data.id_column\).*image_id"),
     "missing target column": (None, ["data.target_columns=[labels]"], r"no column labels.*data.target_columns"),
-    "NaN target": (_nan_target, [], r"target column 'label' is empty/NaN for 1 rows, ids img_0005"),
-    "NaN text target": (_nan_text_target, [], r"empty/NaN .* img_0008"),
+    "NaN target": (_nan_target, [], r"target column 'label' is empty for 1 rows, ids 'img_0005'"),
+    "NaN text target is a label": (_nan_text_target, [], r"too few for: .*class 'NaN' \(1 rows\)"),
     "class with fewer rows than folds": (_rare_class, [], r"at least folds.n_splits=3 rows per class; too few for: .*class 'x' \(1 rows\)"),
     "missing group column": (None, ["data.group_column=author", "folds.strategy=group"],
                              r"no column author \(config key data.group_column\)"),
-    "missing train.csv": (_no_train_csv, [], r"train table .*train.csv does not exist"),
+    "missing train.csv": (_no_train_csv, [], r"train table .*train.csv \(config key data.train_csv\) does not exist"),
     "missing train folder": (_no_train_dir, [], r"image folder .*train does not exist"),
     "malformed train.csv": (_not_a_csv, [], r"could not be read as CSV"),
 }
@@ -242,7 +242,7 @@ def test_empty_group_value_is_an_error(make_config, tmp_path):
     _edit_csv(tmp_path / "data" / "train.csv", lambda f: f.assign(writer=["" if n == 2 else w
                                                                          for n, w in enumerate(f["writer"])]))
     cfg = make_config("folds.strategy=group", data=data)
-    with pytest.raises(PipelineError, match="group column 'writer' is empty for ids img_0002"):
+    with pytest.raises(PipelineError, match="group column 'writer' is empty for ids 'img_0002'"):
         run_folds(cfg)
     _nothing_written(cfg)
 
@@ -273,7 +273,7 @@ def test_sample_submission_ids_without_images_are_listed(make_config, tmp_path):
     _edit_csv(tmp_path / "data" / "sample_submission.csv",
               lambda f: pd.concat([f, pd.DataFrame({ID_COLUMN: ["ghost"], "label": ["0"]})]))
     cfg = make_config(data=data)
-    with pytest.raises(PipelineError, match=r"2 ids in .*sample_submission.csv have no image .*test_0002, ghost"):
+    with pytest.raises(PipelineError, match=r"2 ids in .*sample_submission.csv have no image .*'test_0002', 'ghost'"):
         read_test_table(cfg)
     _nothing_written(cfg)
 
@@ -291,7 +291,7 @@ def test_unreadable_test_image_and_duplicate_test_ids_are_errors(make_config, tm
     data = write_dataset(tmp_path / "data", "multiclass", n_train=30, n_test=8)
     (tmp_path / "data" / "test" / "test_0003.png").write_bytes(b"garbage")
     cfg = make_config(data=data)
-    with pytest.raises(PipelineError, match="cannot be read as images: test_0003"):
+    with pytest.raises(PipelineError, match="cannot be read as images .*: 'test_0003'"):
         read_test_table(cfg)
     assert len(read_test_table(cfg, check_readable=False)) == 8
     _edit_csv(tmp_path / "data" / "sample_submission.csv", lambda f: pd.concat([f, f.iloc[[1]]]))
