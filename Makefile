@@ -50,7 +50,7 @@ submit: .venv/.installed ## send FILE with MESSAGE through the official kaggle C
 lb-sync: .venv/.installed ## read public LB scores from kaggle into the leaderboard
 	$(RUN) lb-sync -c $(CONFIG) $(ARGS)
 
-bench: .venv/.installed ## speed ratios, tuned vs default LRs, LP-FT -> BENCHMARKS.md (ARGS="--sections speed")
+bench: .venv/.installed ## speed ratios, tuned vs default LRs, LP-FT, finetune (CONFIG=configs/scenes.yaml ARGS="--sections finetune") -> BENCHMARKS.md
 	$(RUN) bench -c $(CONFIG) $(ARGS)
 
 demo: .venv/.installed ## the whole pipeline on the digits demo data

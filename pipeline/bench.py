@@ -153,6 +153,36 @@ def bench_frozen_phase(cfg: Config, epochs: int, image_size: int | None = None, 
             "epochs": epochs, "images": len(table), "size": trainer.dc["size"]}
 
 
+def bench_frozen_only(cfg: Config, image_size: int | None = None) -> dict:
+    """The whole train stage with nothing unfrozen (every fold's probe, OOF and test predictions
+    with TTA) vs one bare forward pass over the train and test images per view: the frozen-only
+    path sends each image and view through the backbone once per backbone, not once per fold."""
+    from pipeline import features
+    from pipeline.data import read_folds, read_test_table, task_spec
+    from pipeline.folds import run_folds
+    from pipeline.train import FoldJob, FoldTrainer
+
+    run_folds(cfg)
+    table, test = read_folds(cfg), read_test_table(cfg)
+    spec = task_spec(cfg, table)
+    bcfg = cfg.backbones[0] if image_size is None else dataclasses.replace(cfg.backbones[0], image_size=image_size)
+    c = cfg.replace(train=dataclasses.replace(cfg.train, linear_probe=True, unfrozen=dataclasses.replace(
+        cfg.train.unfrozen, epochs=0)), augment=dataclasses.replace(cfg.augment, tta=["identity", "hflip"]))
+    features.clear_memory()
+    trainers = [FoldTrainer(FoldJob(c, bcfg, spec, table, k, test=test, progress=False))
+                for k in range(c.folds.n_splits)]
+    start = time.perf_counter()
+    for trainer in trainers:
+        trainer.run()
+    stage = time.perf_counter() - start
+    trainer = trainers[0]
+    loaders = [trainer._loader(trainer._dataset(np.arange(len(table)), train=False)),
+               trainer._loader(trainer._dataset(np.arange(len(test)), train=False, test=True))]
+    bare = _timed(lambda: [predict_logits(trainer.model, loader, trainer.rt, c.augment.tta) for loader in loaders], 2)
+    return {"stage_s": stage, "bare_forward_s": bare, "folds": c.folds.n_splits, "images": len(table) + len(test),
+            "views": len(c.augment.tta), "size": trainer.dc["size"]}
+
+
 _PEAK_RSS = """
 import resource, sys
 def peak_mib():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the forking parent's across exec)
@@ -249,6 +279,12 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
                      "<= 1.2", f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s",
                      f"same at the demo's {r['size']}px: the head's {r['folds'] * r['epochs']} epochs of steps are a "
                      f"fixed cost that weighs more against a tiny forward pass"))
+
+    r = bench_frozen_only(small, image_size=None if quick else size)
+    rows.append(("frozen-only train stage (probe, OOF, test, all folds) / one bare fwd pass per view",
+                 r["stage_s"] / r["bare_forward_s"], "<= 1.3", f"{r['stage_s']:.2f} s vs {r['bare_forward_s']:.2f} s",
+                 f"{r['folds']} folds, {r['images']} train+test images x {r['views']} views, "
+                 f"{small.backbones[0].name} {r['size']}px"))
 
     config_path = bench_dir / "bench.yaml"
     one_epoch = small.replace(train=dataclasses.replace(small.train, frozen=dataclasses.replace(small.train.frozen, epochs=1),

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes (for a smoke run)")
     p.add_argument("--output", default="BENCHMARKS.md")
     p.add_argument("--sections", default="speed,tune,lpft",
-                   help="comma-separated: speed (ratios), tune (tuned vs default LRs), lpft (linear probe)")
+                   help="comma-separated: speed (ratios), tune (tuned vs default LRs), lpft (linear probe), "
+                        "finetune (fine-tuning vs the frozen head and train.keep on the hidden test labels; "
+                        "run it with CONFIG=configs/scenes.yaml)")
     return parser
 
 

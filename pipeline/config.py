@@ -54,12 +54,15 @@ class DataConfig:
     label_separator: str = " "  # multilabel labels in one column
     classes: Optional[list[str]] = None  # fixed class order; null: sorted unique values
     positive_class: Optional[str] = None  # binary: the class `pred` is the probability of; null: second sorted
+    max_image_pixels: Optional[int] = 89_478_485  # larger images are refused; Pillow's default limit; null: none
 
     def validate(self, key: str) -> None:
         _check(self.task in TASKS, f"{key}.task", f"'{self.task}' is not a task; valid: {', '.join(TASKS)}")
         _check(self.positive_class is None or self.task == "binary", f"{key}.positive_class",
                f"applies to binary tasks; data.task is {self.task} (set it to null)")
         _check(len(self.target_columns) >= 1, f"{key}.target_columns", "name at least one target column")
+        _check(self.max_image_pixels is None or self.max_image_pixels >= 1, f"{key}.max_image_pixels",
+               f"must be a positive number of pixels or null (no limit), got {self.max_image_pixels}")
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,10 @@ class PhaseConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     frozen: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=1, lr=3e-3))
-    unfrozen: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=3, lr=1e-3, warmup_epochs=0.5))
+    # photo defaults measured on ../shared/devdata/scenes (README, Training): one LR for the whole
+    # network, low enough that the probe's head and the pretrained features are not thrown away
+    unfrozen: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=3, lr=1e-4, backbone_lr_mult=1.0,
+                                                                      warmup_epochs=0.5))
     batch_size: int = 64
     optimizer: str = "adamw"
     weight_decay: float = 0.01
@@ -133,9 +139,9 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None
     time_budget_min: Optional[float] = None  # fit train-folds into this many minutes (chooses unfrozen epochs)
     min_unfrozen_epochs: int = 1  # early stopping never ends the unfrozen phase before this many epochs
-    keep: str = "best"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
+    keep: str = "swa"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
     swa_epochs: int = 2
-    freeze_bn: bool = False  # unfrozen phase: BatchNorm keeps its pretrained running statistics
+    freeze_bn: bool = True  # unfrozen phase: BatchNorm keeps its pretrained running statistics
     adapt_bn: bool = False  # re-estimate BatchNorm statistics on the train images before the frozen phase
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA only
@@ -145,7 +151,7 @@ class TrainConfig:
     num_workers: Optional[int] = None  # null: sized to the machine
     cache_images: bool = False  # decoded, resized images in memory
     cache_features: bool = True  # frozen phase on cached pooled features when possible
-    linear_probe: bool = False  # fit the head to convergence on cached features (LP-FT)
+    linear_probe: bool = True  # fit the head to convergence on cached features (LP-FT)
     use_tuned: str = "auto"  # auto (use tune/best.json when present) | true | false
     seed: int = 42
     deterministic: bool = False  # deterministic kernels, cuDNN without autotuning (slower)

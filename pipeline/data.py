@@ -13,6 +13,7 @@ carries a ``_path`` column with the resolved image file; it is never written to 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -138,26 +139,67 @@ def resolve_image_paths(ids: pd.Series, directory: Path, extension: str | None, 
     return pd.Series(paths, index=ids.index)
 
 
-def _unreadable(path: str) -> bool:
-    """True unless the whole image decodes: a truncated file (half a JPEG) fails here, where
-    reading only the header, or OpenCV, would give a partly grey image and a warning."""
+OPENCV_MAX_PIXELS = 1 << 30  # OpenCV's own default limit (OPENCV_IO_MAX_IMAGE_PIXELS)
+
+
+def set_image_limit(cfg: Config) -> None:
+    """``data.max_image_pixels`` as the decoders' limit: Pillow's ``MAX_IMAGE_PIXELS`` (its
+    decompression-bomb check), and OpenCV's ``OPENCV_IO_MAX_IMAGE_PIXELS`` when the key allows more
+    than OpenCV's default (read when cv2 loads: it reaches loader and fold processes started later;
+    here cv2's refusal falls back to Pillow in :func:`load_image`)."""
+    limit = cfg.data.max_image_pixels
+    Image.MAX_IMAGE_PIXELS = limit
+    if limit is None or limit > OPENCV_MAX_PIXELS:
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(limit or 1 << 62)
+
+
+def _pixels_in(message: str) -> int | None:
+    """The pixel count in Pillow's "Image size (N pixels) exceeds limit ..." message."""
+    found = re.search(r"\((\d+) pixels\)", message)
+    return int(found.group(1)) if found else None
+
+
+def _image_problem(path: str) -> int | str | None:
+    """None when the whole image decodes; its pixel count when it is over the limit
+    (``data.max_image_pixels``, checked before decoding); "unreadable" otherwise: a truncated file
+    (half a JPEG) fails here, where reading only the header, or OpenCV, would give a partly grey
+    image and a warning."""
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.format == "JPEG":
-                    im.draft("RGB", (64, 64))  # DCT scaling: every byte is still decoded, 10x faster
-                im.load()
-        return False
+        with Image.open(path) as im:
+            pixels = im.size[0] * im.size[1]
+            if limit is not None and pixels > limit:
+                return pixels
+            if im.format == "JPEG":
+                im.draft("RGB", (64, 64))  # DCT scaling: every byte is still decoded, 10x faster
+            im.load()
+        return None
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses to open it
+        return _pixels_in(str(exc)) or (limit or 0) + 1
     except Exception:
-        return True
+        return "unreadable"
+
+
+def _too_large(frame: pd.DataFrame, id_column: str, pixels: pd.Series, source) -> PipelineError:
+    limit = Image.MAX_IMAGE_PIXELS
+    shown = [f"{str(i)!r} ({p}) is {n / 1e6:.3g} megapixels" for i, p, n in zip(frame[id_column], frame[PATH], pixels)]
+    if len(shown) == 1:
+        return PipelineError(f"image {shown[0]}, over data.max_image_pixels = {limit}; raise it (or set null) if "
+                             f"the image is genuine")
+    return PipelineError(f"{len(shown)} images for {source} are over data.max_image_pixels = {limit}: "
+                         f"{first_few(shown, 3)}; raise it (or set null) if the images are genuine")
 
 
 def check_images_readable(frame: pd.DataFrame, id_column: str, source) -> None:
-    """Decode every image completely (threads: Pillow releases the GIL); error listing unreadable ones."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        bad = list(pool.map(_unreadable, frame[PATH]))
-    rows = frame.loc[np.asarray(bad, bool)]
+    """Decode every image completely (threads: Pillow releases the GIL); error listing unreadable ones
+    and, first, those over ``data.max_image_pixels`` (not decoded; Pillow's own warning is not shown)."""
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=8) as pool:  # filters: process-wide
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        problems = pd.Series(list(pool.map(_image_problem, frame[PATH])), index=frame.index, dtype=object)
+    large = problems.map(lambda v: isinstance(v, int))
+    if large.any():
+        raise _too_large(frame.loc[large], id_column, problems[large], source)
+    rows = frame.loc[problems.notna().to_numpy()]
     if len(rows):
         shown = (f"{str(i)!r} ({os.path.basename(p)})" for i, p in zip(rows[id_column], rows[PATH]))
         raise PipelineError(f"{len(rows)} images for {source} cannot be read as images (unreadable, truncated "
@@ -191,6 +233,7 @@ def _read_class_folders(cfg: Config, paths: Paths) -> pd.DataFrame:
 def read_train_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
     """The validated train table: id, target column(s), optional group column, ``_path``."""
     paths, d = Paths(cfg), cfg.data
+    set_image_limit(cfg)
     if d.train_csv is None:
         table = _read_class_folders(cfg, paths)
         source = paths.train_dir
@@ -233,6 +276,7 @@ def _check_targets(table: pd.DataFrame, cfg: Config, source) -> None:
 def read_test_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
     """The sample submission's ids, in its order, with their test image paths."""
     paths, d = Paths(cfg), cfg.data
+    set_image_limit(cfg)
     source = paths.sample_submission
     sample = read_csv(source, "sample submission", key="data.sample_submission")
     require_columns(sample, [d.id_column], source, "data.id_column")

@@ -50,7 +50,7 @@ from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import precision_recall_curve
 
-from pipeline import artifacts
+from pipeline import artifacts, locks
 from pipeline.config import BackboneConfig, Config
 from pipeline.data import read_csv, read_folds, require_columns, task_spec
 from pipeline.errors import PipelineError, first_few
@@ -478,15 +478,19 @@ def run_ensemble(cfg: Config, force: bool = False) -> Path:
         return paths.ensemble_dir
     inputs = load_inputs(cfg, backbones)
     artifacts.check_writable(paths.ensemble_dir, paths.submissions_dir)  # before the first of many files
-    artifacts.remove_stale_temps(paths.submissions_dir)
-    artifacts.remove_stale_temps(paths.ensemble_dir, recursive=True)
-    if "rank" in cfg.ensemble.methods and inputs.metric.name != "roc_auc":
-        print(f"ensemble: note: rank averaging suits ranking metrics (roc_auc); {inputs.metric.name} "
-              f"scores its [0, 1] ranks as they are")
-    results = {m: write_method(cfg, inputs, m) for m in cfg.ensemble.methods}
-    if cfg.submission.per_backbone:
-        write_backbone_submissions(cfg, inputs, backbones)
-    artifacts.mark_done(outputs, digest)
+    with locks.hold(paths.ensemble_dir, f"ensemble of {cfg.name}", "is being written", wait=True):
+        if not force and artifacts.is_up_to_date(outputs, digest):  # written by the run it waited for
+            print(f"ensemble: {paths.ensemble_dir} is up to date (use --force to redo)")
+            return paths.ensemble_dir
+        artifacts.remove_stale_temps(paths.submissions_dir)
+        artifacts.remove_stale_temps(paths.ensemble_dir, recursive=True)
+        if "rank" in cfg.ensemble.methods and inputs.metric.name != "roc_auc":
+            print(f"ensemble: note: rank averaging suits ranking metrics (roc_auc); {inputs.metric.name} "
+                  f"scores its [0, 1] ranks as they are")
+        results = {m: write_method(cfg, inputs, m) for m in cfg.ensemble.methods}
+        if cfg.submission.per_backbone:
+            write_backbone_submissions(cfg, inputs, backbones)
+        artifacts.mark_done(outputs, digest)
     print(_summary(inputs, results))
     print(f"ensemble: wrote {paths.ensemble_dir} and submissions in {paths.submissions_dir}")
     return paths.ensemble_dir

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
-from pipeline import artifacts
+from pipeline import artifacts, locks
 from pipeline.config import Config
 from pipeline.data import PATH, read_test_table, read_train_table, task_spec
 from pipeline.errors import PipelineError, first_few
@@ -130,14 +130,18 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
     spec.encode(table)  # every target must encode, whatever the strategy looks at
     fold = assign_folds(table, spec, cfg)
     artifacts.check_writable(out.parent)
-    artifacts.remove_stale_temps(out.parent)
-    columns = [cfg.data.id_column, *cfg.data.target_columns]
-    if cfg.data.group_column:
-        columns.append(cfg.data.group_column)
-    frame = table[[c for c in columns if c != PATH]].copy()
-    frame["fold"] = fold
-    artifacts.write_csv(out, frame)
-    artifacts.mark_done([out], digest)
+    with locks.hold(out, f"folds file {out}", "is being written", wait=True):  # a second `make folds` waits
+        if not force and artifacts.is_up_to_date([out], digest):  # written by the run it waited for
+            print(f"folds: {out} is up to date (use --force to redo)")
+            return out
+        artifacts.remove_stale_temps(out.parent)
+        columns = [cfg.data.id_column, *cfg.data.target_columns]
+        if cfg.data.group_column:
+            columns.append(cfg.data.group_column)
+        frame = table[[c for c in columns if c != PATH]].copy()
+        frame["fold"] = fold
+        artifacts.write_csv(out, frame)
+        artifacts.mark_done([out], digest)
     sizes = np.bincount(fold).tolist()
     print(f"folds: wrote {out} ({len(frame)} rows, {cfg.folds.n_splits} folds of sizes {sizes}, "
           f"strategy {cfg.folds.strategy}){describe_targets(spec)}")

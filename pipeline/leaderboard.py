@@ -44,7 +44,7 @@ def read_submissions_log(cfg: Config) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype=object) for c in LOG_COLUMNS})
     try:
-        log = pd.read_csv(path, dtype=object)
+        log = pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[""])  # a message "None" is text
     except Exception as exc:  # pandas raises many types for malformed files
         raise PipelineError(f"submissions log {path} could not be read as CSV: {exc}; fix or delete it") from None
     log = log.reindex(columns=LOG_COLUMNS).astype(object)
@@ -171,7 +171,8 @@ def merge(cfg: Config, mine: pd.DataFrame) -> pd.DataFrame:
     if not path.exists():
         return mine.reset_index(drop=True)
     try:
-        old = pd.read_csv(path, dtype={"experiment": str, "model": str, "submission": str})
+        old = pd.read_csv(path, dtype={"experiment": str, "model": str, "submission": str},
+                          keep_default_na=False, na_values=[""])  # an experiment or model "NA" is a name
     except Exception as exc:
         raise PipelineError(f"leaderboard {path} could not be read as CSV: {exc}; delete it to rebuild") from None
     if "experiment" not in old.columns:
@@ -205,7 +206,7 @@ def oof_correlations(oofs: dict[str, Path], id_column: str) -> tuple[list[str], 
     frames = {}
     for model, path in oofs.items():
         if path.exists():
-            frame = pd.read_csv(path, dtype={id_column: str})
+            frame = pd.read_csv(path, dtype={id_column: str}, keep_default_na=False, na_values=[""])  # id "NA"
             if id_column in frame.columns:
                 frames[model] = frame.set_index(id_column)[[c for c in frame.columns if c.startswith("pred")]]
     if len(frames) < 2:

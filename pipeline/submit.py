@@ -392,7 +392,7 @@ def _best_cv(cfg: Config, metric_name: str) -> str:
     path = Paths(cfg).leaderboard_csv
     if not path.exists():
         return "no leaderboard yet (make leaderboard)"
-    board = pd.read_csv(path)
+    board = pd.read_csv(path, keep_default_na=False, na_values=[""])  # an experiment named "NA" is a name
     board = board[(board["experiment"].astype(str) == cfg.name) & (board["metric"] == metric_name)]
     if "score" not in board.columns:  # a leaderboard written before the column existed
         board = board.assign(score=honest_score(board))

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import artifacts, checkpoints, distributed
+from pipeline import artifacts, checkpoints, distributed, locks
 from pipeline.augment import ImageCache, eval_transform, train_transform
 from pipeline.budget import planned_config
 from pipeline.backbones import (adapt_batchnorm, check_model_name, check_weights, create_backbone, data_config,
@@ -431,7 +431,8 @@ class FoldTrainer:
                 self._swa_update()
             valid_logits = self._predict(self.eval_model, self.valid_idx)[0]
             if self._end_epoch(epoch, "unfrozen", lrs, stats, valid_logits, optimizer):
-                print(f"fold {self.job.fold}: early stopping after epoch {epoch}")
+                if epoch < first_epoch + phase.epochs - 1:
+                    print(f"fold {self.job.fold}: early stopping after epoch {epoch}")
                 break
 
     def _swa_update(self) -> None:
@@ -779,8 +780,10 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
         if n_jobs > 1 and len(todo) > 1:
             _train_parallel(bcfg, todo, n_jobs, bdir / "config.yaml", force)
         else:
-            for k in todo:
-                _train_one(bcfg_cfg, bcfg, spec, table, test, k)
+            for k in todo:  # a fold that another run is training is skipped (pipeline.locks)
+                with locks.hold(paths.fold_dir(bcfg.name, k), f"fold {k} of {bcfg.name}", "is being trained") as held:
+                    if held and (force or not fold_is_done(bcfg_cfg, bcfg, k)):  # done by it meanwhile: skip
+                        _train_one(bcfg_cfg, bcfg, spec, table, test, k)
                 distributed.barrier()
         if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
             tuned_folds = list(cfg.tune.folds) if "tuned" in source else []

@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import pandas as pd
 import pytest
@@ -20,11 +21,13 @@ import torch
 from PIL import Image
 
 from pipeline import artifacts, cli
-from pipeline.config import dump_config
+from pipeline.config import config_from_dict, dump_config
 from pipeline.data import read_folds, read_test_table, read_train_table, task_spec
 from pipeline.errors import PipelineError, os_error_message
 from pipeline.folds import run_folds
+from pipeline.leaderboard import run_leaderboard
 from pipeline.paths import Paths
+from pipeline.submit import _best_cv
 from pipeline.train import FoldTrainer, run_train
 
 from conftest import ID_COLUMN, REPO_ROOT, write_dataset
@@ -111,13 +114,29 @@ def _one_id_two_images(root, data):
     return [], ["'img_0003'", "img_0003.jpg and img_0003.png"]
 
 
+def _image_over_the_pixel_limit(root, data):
+    Image.new("L", (200, 200)).save(root / "train" / "img_0003.png")  # 40,000 pixels: over twice the limit
+    return ["data.max_image_pixels=10000"], ["image 'img_0003' (", "img_0003.png) is 0.04 megapixels, over "
+                                             "data.max_image_pixels = 10000; raise it (or set null)"]
+
+
 CLI_CASES = {  # name: break the data -> (command-line overrides, texts the one line must hold)
     "1 truncated JPEG": _truncate_train_image,
     "4 sample submission without rows": _empty_sample,
     "6 unknown optimizer": _unknown_optimizer,
     "7 train_csv is a folder": _train_csv_is_a_folder,
+    "10 image over data.max_image_pixels": _image_over_the_pixel_limit,
     "14 one id, two images": _one_id_two_images,
 }
+
+
+@pytest.fixture(autouse=True)
+def _restore_pillow_limit(monkeypatch):
+    """Stages set Pillow's process-wide limit from data.max_image_pixels: restore it after each test."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", ""))
+    if not os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"]:
+        monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS")
 
 
 @pytest.mark.parametrize("name", list(CLI_CASES))
@@ -221,6 +240,24 @@ def test_none_na_null_and_nan_are_real_ids_and_labels(make_config, tmp_path, one
     run_train(cfg)
     oof = pd.read_csv(Paths(cfg).oof_csv(cfg.backbones[0].name), dtype=str, keep_default_na=False)
     assert set(names.values()) <= set(oof[ID_COLUMN])
+
+
+def test_the_leaderboard_reads_an_experiment_models_and_ids_named_like_missing_values(tmp_path):
+    cfg = config_from_dict({"name": "NA", "runs_dir": str(tmp_path / "runs"), "submissions_dir": str(tmp_path / "sub"),
+                            "data": {"id_column": ID_COLUMN}, "ensemble": {"methods": ["mean"]},
+                            "backbones": [{"name": m, "weights": "none"} for m in ("None", "null")]})
+    paths = Paths(cfg)
+    for i, model in enumerate(("None", "null")):
+        paths.backbone_dir(model).mkdir(parents=True)
+        artifacts.write_json(paths.cv_json(model), {"metric": "accuracy", "greater_is_better": True,
+                                                    "folds": [0.8 + i / 10, 0.8], "oof": 0.8})
+        pd.DataFrame({ID_COLUMN: ["NA", "None", "null", "nan", "x"], "fold": [0, 1, 0, 1, 0],
+                      "pred": [0.1, 0.9, 0.2 + i / 10, 0.7, 0.5]}).to_csv(paths.oof_csv(model), index=False)
+    run_leaderboard(cfg)
+    run_leaderboard(cfg)  # merging with its own earlier rows: replaced, not kept as another experiment's
+    board = pd.read_csv(paths.leaderboard_csv, dtype=str, keep_default_na=False)
+    assert board["experiment"].tolist() == ["NA", "NA"] and sorted(board["model"]) == ["None", "null"]
+    assert _best_cv(cfg, "accuracy") == "best CV on the leaderboard: null 0.8500 (CV)"
 
 
 # ---------------------------------------------------------------------------- 4. an empty sample submission
@@ -331,6 +368,44 @@ def test_a_pth_that_is_not_a_state_dict_is_refused_without_pytorchs_unsafe_advic
     message = str(info.value)
     assert "\n" not in message and "weights_only=False" not in message and "arbitrary pickles are refused" in message
     assert not Paths(cfg).exp_dir.exists()
+
+
+# ---------------------------------------------------------------------------- 10. very large images
+
+
+def test_an_image_just_over_max_image_pixels_is_one_line_without_pillows_warning(make_config, tmp_path):
+    root = tmp_path / "data"
+    data = write_dataset(root, "multiclass", n_train=30, n_test=4)
+    Image.new("L", (120, 120)).save(root / "train" / "img_0007.png")  # 14,400: Pillow only warns below twice
+    cfg = make_config(data={**data, "max_image_pixels": 10_000})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(PipelineError) as info:
+            read_train_table(cfg)
+    assert str(info.value) == (f"image 'img_0007' ({root / 'train' / 'img_0007.png'}) is 0.0144 megapixels, over "
+                               f"data.max_image_pixels = 10000; raise it (or set null) if the image is genuine")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_several_large_images_are_counted_and_null_lifts_the_limit(make_config, tmp_path):
+    root = tmp_path / "data"
+    data = write_dataset(root, "multiclass", n_train=30, n_test=4)
+    for i in (2, 5):
+        Image.new("RGB", (200, 200)).save(root / "train" / f"img_000{i}.png")
+    expected = (r"^2 images for .* are over data.max_image_pixels = 10000: 'img_0002' \(.*img_0002.png\) is 0.04 "
+                r"megapixels, 'img_0005' .*if the images are genuine$")
+    with pytest.raises(PipelineError, match=expected):
+        read_train_table(make_config(data={**data, "max_image_pixels": 10_000}))
+    table = read_train_table(make_config(data={**data, "max_image_pixels": None}))
+    assert len(table) == 30 and Image.MAX_IMAGE_PIXELS is None
+    assert int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"]) > 2**40  # for loader and fold processes started later
+    read_train_table(make_config(data=data))  # the default: Pillow's own limit
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+
+
+def test_max_image_pixels_must_be_positive_or_null(make_config):
+    with pytest.raises(PipelineError, match=r"'data.max_image_pixels': must be a positive number of pixels or null"):
+        make_config("data.max_image_pixels=0")
 
 
 # ---------------------------------------------------------------------------- 11. diverged validation

@@ -121,7 +121,7 @@ def test_early_stopping_counts_against_the_unfrozen_best_and_waits_for_min_epoch
     """A frozen head at 0.9 and an unfrozen phase that starts at 0.5 and climbs slowly: patience 1
     must not stop it after the first unfrozen epoch (the old rule compared against 0.9)."""
     cfg = make_config(*FAST, "train.frozen.epochs=1", "train.unfrozen.epochs=4", "train.early_stopping_patience=1",
-                      "train.min_unfrozen_epochs=1")
+                      "train.min_unfrozen_epochs=1", "train.keep=best")
     _scripted_scores(monkeypatch, [0.9, 0.5, 0.6, 0.55, 0.99])
     result = FoldTrainer(_job(cfg)).run()
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]  # 0.55 < 0.6: stopped after epoch 3
@@ -129,7 +129,7 @@ def test_early_stopping_counts_against_the_unfrozen_best_and_waits_for_min_epoch
 
 def test_min_unfrozen_epochs_holds_early_stopping_back(make_config, monkeypatch):
     cfg = make_config(*FAST, "train.frozen.epochs=1", "train.unfrozen.epochs=4", "train.early_stopping_patience=1",
-                      "train.min_unfrozen_epochs=4")
+                      "train.min_unfrozen_epochs=4", "train.keep=best")
     _scripted_scores(monkeypatch, [0.9, 0.5, 0.4, 0.3, 0.2])
     result = FoldTrainer(_job(cfg)).run()
     assert len(result.history) == 5
