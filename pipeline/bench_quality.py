@@ -222,12 +222,12 @@ def bench_finetune(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
             cv = float(np.mean(entry["folds"]))
             tests[name] = score(metric, spec, y_test, np.mean(entry["test"], axis=0))
             summary.append(f"| {seed} | {name} | {cv:.4f} | {tests[name]:.4f} | {tests[name] - cv:+.4f} |")
-        beats.append(all(metric.better(tests[k], tests["probe"]) for k in ("last", "swa")))
+        beats.append(all(metric.better(tests[k], tests["probe"]) for k in ("best", "last", "swa")))
     return ("\n".join(summary) + "\n\n" + "\n".join(per_fold) + "\n\n"
             f"{cfg.backbones[0].name} at {cfg.backbones[0].image_size or 'its default'} px, {c.folds.n_splits} folds, "
             f"{'a linear probe' if t.linear_probe else f'{t.frozen.epochs} frozen epochs'}, then {t.unfrozen.epochs} "
             f"unfrozen epochs at lr {t.unfrozen.lr:g} (backbone x{t.unfrozen.backbone_lr_mult:g}), "
             f"freeze_bn {t.freeze_bn}, adapt_bn {t.adapt_bn}; SWA over the last {t.swa_epochs} epochs. "
-            f"\"probe\" is the frozen head the unfrozen phase starts from. Fine-tuned (last and swa) above the frozen "
+            f"\"probe\" is the frozen head the unfrozen phase starts from. Fine-tuned (best, last and swa) above the frozen "
             f"head on the hidden test in {sum(beats)} of {len(beats)} seeds; the highest loss of a first-10 unfrozen "
             f"batch was {worst_first:.2f} (chance: {chance:.2f}).\n")

@@ -139,7 +139,7 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None
     time_budget_min: Optional[float] = None  # fit train-folds into this many minutes (chooses unfrozen epochs)
     min_unfrozen_epochs: int = 1  # early stopping never ends the unfrozen phase before this many epochs
-    keep: str = "swa"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
+    keep: str = "best"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
     swa_epochs: int = 2
     freeze_bn: bool = True  # unfrozen phase: BatchNorm keeps its pretrained running statistics
     adapt_bn: bool = False  # re-estimate BatchNorm statistics on the train images before the frozen phase

@@ -170,3 +170,32 @@ def test_frozen_only_predicts_from_cached_features_equal_to_the_model(make_confi
     oof, test_frame = trainer.predictions()
     pd.testing.assert_frame_equal(oof, result.oof, rtol=1e-4, atol=1e-5)
     pd.testing.assert_frame_equal(test_frame, result.test, rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_bench_compares_the_kept_weights_on_the_hidden_labels(make_config, tmp_path):
+    """The finetune benchmark on a tiny set with a solution file: one row per seed and weights
+    (probe, best, last, swa) with CV, hidden-test score and their difference; a per-fold table
+    with the first unfrozen batch losses."""
+    from conftest import _digits, write_dataset
+
+    from pipeline.bench_quality import bench_finetune
+
+    data = write_dataset(tmp_path / "data", "multiclass", n_train=60, n_test=12)
+    labels = _digits()[1][60:72]
+    pd.DataFrame({"image_id": [f"test_{i:04d}" for i in range(12)], "label": [str(v) for v in labels]}).to_csv(
+        tmp_path / "data" / "solution.csv", index=False)
+    cfg = make_config(*FAST, "folds.n_splits=2", "folds.strategy=kfold", "train.unfrozen.epochs=2",
+                      "train.linear_probe=true", data=data)
+    md = bench_finetune(cfg, seeds=(1,))
+    for weights in ("probe", "best", "last", "swa"):
+        assert f"| 1 | {weights} |" in md
+    assert md.count("| 1 | 0 |") == 1 and md.count("| 1 | 1 |") == 1
+    assert "of 1 seeds" in md and "chance: 2.30" in md
+
+
+def test_finetune_bench_needs_the_hidden_labels(make_config):
+    from pipeline.bench_quality import bench_finetune
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="solution.csv"):
+        bench_finetune(make_config(*FAST), seeds=(1,))
