@@ -64,3 +64,10 @@ def test_every_config_field_is_read_by_the_pipeline():
               and not re.search(rf"\.{name}\b|[\"']{name}[\"']", source)]
     assert not unread, (f"config keys {unread} are never read in pipeline/*.py: make them do what the README says "
                         f"or remove them (config.py, README.md)")
+
+
+def test_every_config_field_is_in_the_readme():
+    """The README's config reference (or its Tuning table) names every key a user can set."""
+    readme = (PIPELINE.parent / "README.md").read_text()
+    missing = [key for key, name in config_fields() if f"`{name}`" not in readme and f".{name}`" not in readme]
+    assert not missing, f"config keys {missing} are not documented in README.md"
