@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from pipeline import artifacts
 from pipeline.config import Config
 from pipeline.errors import PipelineError, first_few, quoted
 from pipeline.paths import Paths
@@ -190,9 +191,29 @@ def _too_large(frame: pd.DataFrame, id_column: str, pixels: pd.Series, source) -
                          f"{first_few(shown, 3)}; raise it (or set null) if the images are genuine")
 
 
-def check_images_readable(frame: pd.DataFrame, id_column: str, source) -> None:
+def _verified_stamp(frame: pd.DataFrame, stamp_dir: Path) -> Path:
+    """Where a passed check of exactly these files (path, size, modification time, and the pixel
+    limit) is recorded: stat calls only, so a re-run or a fold process skips decoding them again."""
+    stats = [(p, st.st_size, st.st_mtime_ns) for p in frame[PATH] for st in [os.stat(p)]]
+    return stamp_dir / f"images-{artifacts.fingerprint({'files': stats, 'limit': Image.MAX_IMAGE_PIXELS})[:24]}"
+
+
+def check_images_readable(frame: pd.DataFrame, id_column: str, source, stamp_dir: Path | None = None) -> None:
     """Decode every image completely (threads: Pillow releases the GIL); error listing unreadable ones
-    and, first, those over ``data.max_image_pixels`` (not decoded; Pillow's own warning is not shown)."""
+    and, first, those over ``data.max_image_pixels`` (not decoded; Pillow's own warning is not shown).
+    With ``stamp_dir``, a set of files that :func:`record_verified` recorded (unchanged since) is not
+    decoded again."""
+    if stamp_dir is not None and _verified_stamp(frame, stamp_dir).exists():
+        return
+    _decode_all(frame, id_column, source)
+
+
+def record_verified(frame: pd.DataFrame, stamp_dir: Path) -> None:
+    """Stamp a checked image set, once the stage has validated everything and starts writing."""
+    artifacts.write_text(_verified_stamp(frame, stamp_dir), f"{len(frame)} images decoded completely\n")
+
+
+def _decode_all(frame: pd.DataFrame, id_column: str, source) -> None:
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=8) as pool:  # filters: process-wide
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         problems = pd.Series(list(pool.map(_image_problem, frame[PATH])), index=frame.index, dtype=object)
@@ -251,7 +272,7 @@ def read_train_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
     if d.train_csv is not None:
         table[PATH] = resolve_image_paths(table[d.id_column], paths.train_dir, d.image_extension, source)
     if check_readable:
-        check_images_readable(table, d.id_column, source)
+        check_images_readable(table, d.id_column, source, verified_dir(cfg))
     return table.reset_index(drop=True)
 
 
@@ -287,8 +308,13 @@ def read_test_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
     table = sample[[d.id_column]].copy()
     table[PATH] = resolve_image_paths(table[d.id_column], paths.test_dir, d.image_extension, source)
     if check_readable:
-        check_images_readable(table, d.id_column, source)
+        check_images_readable(table, d.id_column, source, verified_dir(cfg))
     return table
+
+
+def verified_dir(cfg: Config) -> Path:
+    """Stamps of image sets that decoded completely (see :func:`check_images_readable`)."""
+    return Path(cfg.runs_dir) / ".verified"
 
 
 def task_spec(cfg: Config, table: pd.DataFrame) -> TaskSpec:

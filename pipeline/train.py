@@ -33,7 +33,7 @@ from pipeline.backbones import (adapt_batchnorm, check_model_name, check_weights
                                 freeze_batchnorm_stats, frozen_train_mode, pooled_features, set_frozen)
 from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
 from pipeline.data import (PATH, ImageDataset, SeededSampler, check_images_readable, read_folds, read_test_table,
-                           task_spec)
+                           record_verified, task_spec, verified_dir)
 from pipeline.errors import PipelineError
 from pipeline.features import cached_features, compute_features
 from pipeline.fit import (LR_SCHEDULE, NonFiniteLoss, Runtime, Stepper, activate_mean, build_optimizer, build_scheduler,
@@ -763,9 +763,12 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
     for bcfg in backbones:  # fail before any training on a typo in a later backbone
         check_model_name(bcfg.name)
         check_weights(bcfg, f"backbones[{cfg.backbones.index(bcfg)}].weights")
-    check_images_readable(table, cfg.data.id_column, paths.train_dir)  # every image decodes, before any write
+    check_images_readable(table, cfg.data.id_column, paths.train_dir, verified_dir(cfg))  # before any write
     artifacts.check_writable(paths.exp_dir)
     artifacts.remove_stale_temps(paths.exp_dir, recursive=True)
+    if main:  # everything is valid: the next train run (or fold process) skips decoding these images
+        record_verified(table, verified_dir(cfg))
+        record_verified(test, verified_dir(cfg))
     for bcfg in backbones:
         bcfg_cfg, source = apply_tuned(cfg, bcfg)
         bcfg_cfg, plan = planned_config(bcfg_cfg, bcfg, spec, spec.encode(table), len(test), max(jobs, gpus))

@@ -435,3 +435,24 @@ def test_demo_data_writes_kaggle_layout_and_is_skipped_on_rerun(make_config, tmp
     run_demo_data(root)
     assert "up to date" in capsys.readouterr().out
     assert (root / "train.csv").stat().st_mtime_ns == stamp
+
+
+def test_images_are_decoded_once_per_unchanged_file_set(make_config, tmp_path, monkeypatch):
+    """A checked image set is stamped under runs/.verified: re-reading the same files decodes
+    nothing, and a changed file (new size or time) is decoded again."""
+    import pipeline.data as data_mod
+    from conftest import write_dataset
+
+    cfg = make_config(data=write_dataset(tmp_path / "d", n_train=20, n_test=4))
+    table = data_mod.read_train_table(cfg)
+    data_mod.record_verified(table, data_mod.verified_dir(cfg))  # what run_train does once all is valid
+    decoded = []
+    real = data_mod._image_problem
+    monkeypatch.setattr(data_mod, "_image_problem", lambda p: (decoded.append(p), real(p))[1])
+    data_mod.read_train_table(cfg)
+    assert decoded == []
+    image = tmp_path / "d" / "train" / "img_0003.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # now truncated
+    with pytest.raises(PipelineError, match="img_0003"):
+        data_mod.read_train_table(cfg)
+    assert len(decoded) == 20
