@@ -6,14 +6,15 @@ JOBS ?= 1
 WORKERS ?= 1
 FILE ?=
 MESSAGE ?=
+FROM ?=
 RUN = $(PYTHON) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo-data folds train-folds lr-find tune ensemble leaderboard submit lb-sync bench demo test clean
+.PHONY: help install demo-data folds pretrain train-folds lr-find tune ensemble pseudo predict bundle leaderboard submit lb-sync bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' JOBS=N WORKERS=N FILE=... MESSAGE=..."
+	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' JOBS=N WORKERS=N FILE=... MESSAGE=... FROM=..."
 
 .venv/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv .venv
@@ -32,6 +33,9 @@ folds: .venv/.installed ## split the train table into folds: folds/<exp>.csv
 train-folds: .venv/.installed ## train every backbone on every fold (JOBS=N folds in parallel)
 	$(RUN) train -c $(CONFIG) --jobs $(JOBS) $(ARGS)
 
+pretrain: .venv/.installed ## pretrain.backbones on pretrain.data: runs/<exp>/<id>/pretrained.safetensors
+	$(RUN) pretrain -c $(CONFIG) $(ARGS)
+
 lr-find: .venv/.installed ## LR range test per backbone (loss-vs-LR plot and suggestion)
 	$(RUN) lr-find -c $(CONFIG) $(ARGS)
 
@@ -40,6 +44,15 @@ tune: .venv/.installed ## Optuna LR search per backbone (WORKERS=N processes on 
 
 ensemble: .venv/.installed ## ensemble OOF predictions and write submissions/<exp>-<method>.csv
 	$(RUN) ensemble -c $(CONFIG) $(ARGS)
+
+pseudo: .venv/.installed ## pseudo-label test images with FROM=<ensemble method or model id>, train <exp>-pseudo, print the CV change
+	$(RUN) pseudo -c $(CONFIG) --from "$(FROM)" --train $(ARGS)
+
+predict: .venv/.installed ## predict a test folder from the fold checkpoints (ARGS="--test-dir D --sample S --ensemble M")
+	$(RUN) predict -c $(CONFIG) $(ARGS)
+
+bundle: .venv/.installed ## bundles/<exp>/ for a Kaggle code competition: weights, wheel, predict.py (ARGS=--fp16)
+	$(RUN) bundle -c $(CONFIG) $(ARGS)
 
 leaderboard: .venv/.installed ## compare every model and ensemble: submissions/leaderboard.csv
 	$(RUN) leaderboard -c $(CONFIG) $(ARGS)
@@ -62,6 +75,11 @@ demo: .venv/.installed ## the whole pipeline on the digits demo data
 	$(RUN) ensemble -c $(CONFIG) $(ARGS)
 	$(RUN) leaderboard -c $(CONFIG) $(ARGS)
 	$(RUN) score -c $(CONFIG) --file submissions/demo-hill_climb.csv --solution data/digits/solution.csv $(ARGS)
+	$(RUN) bundle -c $(CONFIG) --ensemble hill_climb $(ARGS)
+	@# the bundle as a Kaggle notebook runs it must reproduce the hill-climb submission byte for byte
+	$(PYTHON) bundles/demo/predict.py --test-dir data/digits/test --sample data/digits/sample_submission.csv \
+		--out runs/demo-bundle-submission.csv
+	cmp runs/demo-bundle-submission.csv submissions/demo-hill_climb.csv && echo "bundle: reproduces submissions/demo-hill_climb.csv"
 	@# only a run that started without runs/demo is timed: a re-run skips finished work
 	@if [ -f runs/.demo_started ]; then $(PYTHON) -c "import json, time; s = int(open('runs/.demo_started').read()); \
 	json.dump({'seconds': time.time() - s}, open('runs/demo_wall_time.json', 'w')); \
@@ -71,4 +89,4 @@ test: .venv/.installed ## run the test suite (CPU, offline)
 	$(PYTHON) -m pytest -q
 
 clean: ## remove generated runs, folds and submissions (keeps data and .venv)
-	rm -rf runs folds/*.csv submissions/*.csv submissions/*.md submissions/*.png
+	rm -rf runs bundles folds/*.csv submissions/*.csv submissions/*.md submissions/*.png

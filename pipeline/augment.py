@@ -7,7 +7,10 @@ CPU workers do no float maths.
 from __future__ import annotations
 
 import difflib
+import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import albumentations as A
 import cv2
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from pipeline import artifacts
 from pipeline.errors import PipelineError
 
 INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
@@ -49,8 +53,22 @@ def _resize(size: int, interpolation: str, policy: str = "crop") -> A.BasicTrans
                       A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0)])
 
 
-def build_user_transform(spec: dict, index: int) -> A.BasicTransform:
-    spec = dict(spec)
+SIZE_PLACEHOLDER = "{image_size}"  # in a transform's arguments: the model variant's input size
+
+
+def with_image_size(value, size: int):
+    """``value`` with every ``"{image_size}"`` (also inside lists) replaced by ``size``, so that one
+    augmentation list serves variants of several sizes (``size: ["{image_size}", "{image_size}"]``)."""
+    if value == SIZE_PLACEHOLDER:
+        return size
+    if isinstance(value, (list, tuple)):
+        return [with_image_size(v, size) for v in value]
+    return value
+
+
+def build_user_transform(spec: dict, index: int, size: int = 224) -> A.BasicTransform:
+    """One ``augment.train`` entry as an albumentations transform (``size`` fills ``{image_size}``)."""
+    spec = {k: with_image_size(v, size) for k, v in spec.items()}
     name = spec.pop("name")
     cls = getattr(A, str(name), None)
     if not isinstance(cls, type):
@@ -64,7 +82,7 @@ def build_user_transform(spec: dict, index: int) -> A.BasicTransform:
 
 
 def train_transform(specs: list[dict], size: int, interpolation: str, resize: str = "crop") -> A.Compose:
-    user = [build_user_transform(s, i) for i, s in enumerate(specs)]
+    user = [build_user_transform(s, i, size) for i, s in enumerate(specs)]
     return A.Compose([_resize(size, interpolation, resize), *user, ToTensorV2()])
 
 
@@ -79,31 +97,101 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 
 class ImageCache:
-    """Decoded images resized once to ``size``x``size``, held in one uint8 array.
+    """Decoded images resized once to ``size``x``size``, held in one uint8 array (N, size, size, 3).
 
-    Serves the same pixels as reading the file and applying the deterministic resize, so the
-    remaining transforms (and results) are unchanged; only file decoding and resizing are saved.
+    Serves the same pixels as reading the file (large JPEGs at reduced scale, as
+    :func:`pipeline.data.load_image` does) and applying the deterministic resize, so the remaining
+    transforms (and results) are unchanged; only file decoding and resizing are saved.
+
+    ``ImageCache(paths, ...)`` decodes into memory. The train stage uses the file form instead:
+    :meth:`file_for` names one ``.npy`` per (image files, size, interpolation, resize policy),
+    :meth:`build` writes it once (decoded by threads into a temporary file, then renamed into
+    place: a crash leaves no half file, and of two processes racing the first rename wins with the
+    same bytes), and :meth:`open` memory-maps it read-only, so every fold, tune trial, prediction
+    pass and parallel process shares one copy through the OS page cache.
     """
 
-    def __init__(self, paths, size: int, interpolation: str, threads: int = 4, resize: str = "crop"):
-        from pipeline.data import load_image
+    VERSION = 2  # in the file key: bump when the decode or the resize changes
 
+    def __init__(self, paths, size: int, interpolation: str, threads: int | None = None, resize: str = "crop"):
         paths = list(paths)
-        resize = _resize(size, interpolation, resize)
         self.array = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+        self.path = None
+        _fill(self.array, paths, size, interpolation, resize, threads)
 
-        def fill(i: int) -> None:
-            self.array[i] = resize(image=load_image(paths[i]))["image"]
+    @classmethod
+    def file_for(cls, directory, paths, size: int, interpolation: str, resize: str = "crop"):
+        """The cache file of these image files (path, byte size, modification time) at this size."""
+        stats = [(p, st.st_size, st.st_mtime_ns) for p in map(str, paths) for st in [os.stat(p)]]
+        key = artifacts.fingerprint({"files": stats, "size": size, "interpolation": interpolation,
+                                     "resize": resize, "version": cls.VERSION})
+        return Path(directory) / f"images-{size}px-{key[:20]}.npy"
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(fill, range(len(paths))))
+    @staticmethod
+    def build(path, paths, size: int, interpolation: str, resize: str = "crop", threads: int | None = None) -> bool:
+        """Write the cache file ``path`` unless it exists; True when this call wrote it."""
+        path = Path(path)
+        if path.exists():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paths = list(paths)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=artifacts.TMP_SUFFIX)
+        os.close(fd)
+        try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            _fill(array, paths, size, interpolation, resize, threads)
+            array.flush()
+            del array
+            if path.exists():  # another process finished first: keep its file (the same bytes)
+                return False
+            os.replace(tmp, path)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def open(cls, path) -> "ImageCache":
+        """The cache file ``path``, memory-mapped read-only."""
+        cache = cls.__new__(cls)
+        cache.path, cache.array = path, np.load(path, mmap_mode="r")
+        return cache
+
+    def __getstate__(self):  # loader workers started by spawn map the file again rather than copy it
+        return {"path": self.path} if self.path is not None else self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "array" not in state:
+            self.array = np.load(state["path"], mmap_mode="r")
 
     @staticmethod
     def bytes_needed(n_images: int, size: int) -> int:
         return n_images * size * size * 3
 
+    @staticmethod
+    def fits_on_disk(path, n_images: int, size: int) -> bool:
+        """Whether the cache file would take at most half the free space where it goes."""
+        import shutil
+
+        folder = next(p for p in Path(path).absolute().parents if p.exists())
+        return ImageCache.bytes_needed(n_images, size) <= shutil.disk_usage(folder).free // 2
+
     def __len__(self) -> int:
         return len(self.array)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.array[i]
+        return np.array(self.array[i])  # a writable copy: a transform may work in place, the file is read-only
+
+
+def _fill(array: np.ndarray, paths: list, size: int, interpolation: str, policy: str, threads: int | None) -> None:
+    """Decode and resize every image into ``array`` (threads: OpenCV releases the GIL)."""
+    from pipeline.data import load_image
+
+    resize = _resize(size, interpolation, policy)
+
+    def fill(i: int) -> None:
+        array[i] = resize(image=load_image(paths[i], size, policy))["image"]
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        list(pool.map(fill, range(len(paths))))

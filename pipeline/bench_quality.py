@@ -39,7 +39,7 @@ def _train(cfg: Config, fold: int) -> tuple[float, float, float]:
     bcfg = cfg.backbones[0]
     start = time.perf_counter()
     result = train_fold(FoldJob(cfg, bcfg, task_spec(cfg, table), table, fold, progress=False,
-                                feature_cache_dir=Paths(cfg).feature_cache_dir(bcfg.name)))
+                                feature_cache_dir=Paths(cfg).feature_cache_dir(bcfg.slug)))
     key = next(k for k in result.history[0] if k.startswith("valid_") and k != "valid_loss")
     frozen = [row[key] for row in result.history if row["phase"] == "frozen"]
     return (frozen[-1] if frozen else float("nan")), result.best_score, time.perf_counter() - start
@@ -144,7 +144,7 @@ def _fold_trajectory(cfg: Config, table, spec, test, fold: int) -> dict:
     bcfg, views = cfg.backbones[0], cfg.augment.tta
     epochs: list[dict] = []
     job = FoldJob(cfg, bcfg, spec, table, fold, test=test, progress=False,
-                  feature_cache_dir=Paths(cfg).feature_cache_dir(bcfg.name))
+                  feature_cache_dir=Paths(cfg).feature_cache_dir(bcfg.slug))
     trainer = None
 
     def record(epoch: int, value: float) -> None:

@@ -48,7 +48,7 @@ class Plan:
 def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: np.ndarray, steps: int = 3) -> Speeds:
     """Images/s of the backbone's training step and forward pass on random uint8 images with real
     encoded ``targets`` (the first step of each is a warm-up and is not timed)."""
-    model = create_backbone(bcfg, spec.num_outputs)
+    model = create_backbone(bcfg, spec.num_outputs, Paths(cfg).exp_dir)
     dc = data_config(model, bcfg)
     rt = Runtime.create(cfg.train, dc["mean"], dc["std"])
     rt.prepare_model(model)
@@ -118,7 +118,7 @@ def planned_config(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
     minutes, n_train = cfg.train.time_budget_min, len(targets)
     if minutes is None:
         return cfg, None
-    path = Paths(cfg).backbone_dir(bcfg.name) / "plan.json"
+    path = Paths(cfg).backbone_dir(bcfg.slug) / "plan.json"
     key = artifacts.fingerprint({"budget": minutes, "backbone": dataclasses.asdict(bcfg), "jobs": jobs,
                                  "train": dataclasses.asdict(cfg.train), "rows": [n_train, n_test],
                                  "folds": cfg.folds.n_splits, "tta": list(cfg.augment.tta),
@@ -131,6 +131,6 @@ def planned_config(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
         plan = plan_epochs(speeds, n_train, n_test, cfg.folds.n_splits, len(cfg.augment.tta),
                            cfg.train.unfrozen.epochs, minutes * 60 / len(cfg.backbones), jobs)
         artifacts.write_json(path, {"key": key, "plan": dataclasses.asdict(plan), "speeds": dataclasses.asdict(speeds)})
-    print(plan.describe(bcfg.name, speeds))
+    print(plan.describe(bcfg.slug, speeds))
     unfrozen = dataclasses.replace(cfg.train.unfrozen, epochs=plan.unfrozen_epochs)
     return cfg.replace(train=dataclasses.replace(cfg.train, unfrozen=unfrozen, time_budget_min=None)), plan

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="only this fold")
     p.add_argument("--jobs", type=int, default=1, help="folds in parallel processes (one per GPU)")
 
+    p = sub.add_parser("pretrain", help="train pretrain.backbones on pretrain.data: runs/<exp>/<id>/pretrained.safetensors")
+    _common(p)
+    p.add_argument("--backbone", help="only this id of pretrain.backbones")
+
     p = sub.add_parser("lr-find", help="LR range test for the frozen and unfrozen phases")
     _common(p)
     p.add_argument("--backbone")
@@ -44,6 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ensemble", help="ensemble the backbones' OOF predictions, write submissions")
     _common(p)
+
+    p = sub.add_parser("predict", help="predict a test folder from the saved fold checkpoints and an ensemble")
+    _common(p)
+    p.add_argument("--test-dir", help="test images (default: data.root/data.test_dir)")
+    p.add_argument("--sample", help="sample submission listing the test ids (default: data.sample_submission)")
+    p.add_argument("--ensemble", help="ensemble method or model id (default: the method with the best nested CV)")
+    p.add_argument("--out", help="submission path (default: submissions/<exp>-<method>-predict.csv)")
+
+    p = sub.add_parser("bundle", help="write bundles/<exp>/ for a Kaggle code competition (offline predict)")
+    _common(p)
+    p.add_argument("--ensemble", help="ensemble method or model id (default: the method with the best nested CV)")
+    p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
+    p.add_argument("--out", help="bundle folder (default: bundles/<exp>)")
+
+    p = sub.add_parser("pseudo", help="pseudo-label confident test images fold by fold: a new experiment <exp>-pseudo")
+    _common(p)
+    p.add_argument("--from", dest="source", required=True, help="ensemble method or model id whose fold models label")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="minimum confidence (multilabel: every label >= T or <= 1 - T; default %(default)s)")
+    p.add_argument("--name", help="the new experiment's name (default: <exp>-pseudo)")
+    p.add_argument("--train", action="store_true",
+                   help="then train, ensemble and rank the new experiment and print each model's CV change")
 
     p = sub.add_parser("leaderboard", help="compare every model and ensemble on the metric")
     _common(p)
@@ -85,6 +111,9 @@ def run(args: argparse.Namespace) -> Path | None:
     if args.command == "train":
         from pipeline.train import run_train
         return run_train(cfg, backbone=args.backbone, fold=args.fold, jobs=args.jobs, force=args.force)
+    if args.command == "pretrain":
+        from pipeline.pretrain import run_pretrain
+        return run_pretrain(cfg, backbone=args.backbone, force=args.force)
     if args.command == "lr-find":
         from pipeline.lr_find import run_lr_find
         return run_lr_find(cfg, backbone=args.backbone, force=args.force)
@@ -94,6 +123,16 @@ def run(args: argparse.Namespace) -> Path | None:
     if args.command == "ensemble":
         from pipeline.ensemble import run_ensemble
         return run_ensemble(cfg, force=args.force)
+    if args.command == "predict":
+        from pipeline.predict import run_predict
+        return run_predict(cfg, test_dir=args.test_dir, sample=args.sample, method=args.ensemble, out=args.out)
+    if args.command == "bundle":
+        from pipeline.bundle import run_bundle
+        return run_bundle(cfg, method=args.ensemble, fp16=args.fp16, out=args.out)
+    if args.command == "pseudo":
+        from pipeline.pseudo import run_pseudo
+        return run_pseudo(cfg, args.source, threshold=args.threshold, name=args.name, train=args.train,
+                          force=args.force)
     if args.command == "leaderboard":
         from pipeline.leaderboard import run_leaderboard
         return run_leaderboard(cfg)

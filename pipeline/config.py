@@ -14,6 +14,7 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,21 +80,36 @@ class FoldsConfig:
         _check(self.n_bins >= 2, f"{key}.n_bins", "must be at least 2")
 
 
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a model id is a file name on every OS
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
+    """One model variant: a timm architecture with its weights, size and (optionally) its own
+    ``train.*``/``augment.*`` settings; ``seeds`` expands one entry into one variant per seed."""
+
     name: str = "efficientnet_lite0"
+    id: Optional[str] = None  # the variant's name in every path, column and row; null: the timm name
     weights: str = "bundled"  # hub | bundled | none | path to .safetensors/.pth/.bin
     image_size: Optional[int] = None  # null: the model's pretrained input size
     batch_size: Optional[int] = None  # null: train.batch_size
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    train: dict = field(default_factory=dict)  # this variant's overrides of train.* keys
+    augment: dict = field(default_factory=dict)  # this variant's overrides of augment.* keys
+    seeds: Optional[list[int]] = None  # one variant per seed: <id>-s<seed>, averaged as <id>
+    seed_group: Optional[str] = None  # set by `seeds`: the entry's id, which names the seed-mean model
 
     @property
     def slug(self) -> str:
-        return self.name.replace("/", "_")
+        """The variant's id (the timm name with ``/`` replaced when no ``id`` is given)."""
+        return self.id or self.name.replace("/", "_")
 
     def validate(self, key: str) -> None:
         _check(bool(self.name), f"{key}.name", "give a timm model name")
+        _check(ID_PATTERN.match(self.slug) is not None, f"{key}.id",
+               f"'{self.slug}' is not a file-name-safe id; use letters, digits, '.', '_' and '-'")
+        _check(self.seeds is None or len(self.seeds) >= 1, f"{key}.seeds", "list at least one seed, or null")
         _check(self.image_size is None or self.image_size >= 8, f"{key}.image_size", "must be at least 8")
         _check(self.batch_size is None or self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
         _check(0.0 <= self.drop_rate < 1.0, f"{key}.drop_rate", "must be in [0, 1)")
@@ -107,9 +123,12 @@ class PhaseConfig:
     layer_decay: Optional[float] = None  # unfrozen phase: timm layer-wise decay instead of the mult
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.01
+    optimizer: Optional[str] = None  # this phase's timm optimizer; null: train.optimizer
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 0, f"{key}.epochs", f"must be >= 0, got {self.epochs}")
+        if self.optimizer is not None:
+            _check_optimizer(self.optimizer, f"{key}.optimizer")
         _check(0 < self.lr < 10, f"{key}.lr", f"must be in (0, 10), got {self.lr}")
         _check(0 < self.backbone_lr_mult <= 10, f"{key}.backbone_lr_mult", "must be in (0, 10]")
         _check(self.layer_decay is None or 0 < self.layer_decay <= 1, f"{key}.layer_decay", "must be in (0, 1]")
@@ -155,6 +174,7 @@ class TrainConfig:
     use_tuned: str = "auto"  # auto (use tune/best.json when present) | true | false
     seed: int = 42
     deterministic: bool = False  # deterministic kernels, cuDNN without autotuning (slower)
+    pseudo_labels: Optional[str] = None  # CSV of pseudo-labelled test rows (`pipeline pseudo`): they only ever train
 
     def validate(self, key: str) -> None:
         self.frozen.validate(f"{key}.frozen")
@@ -180,6 +200,9 @@ class TrainConfig:
                f"'{self.amp_dtype}' is not a precision; valid: {', '.join(AMP_DTYPES)}")
         _check(self.num_workers is None or self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
         _check_optimizer(self.optimizer, f"{key}.optimizer")
+        _check(self.frozen.optimizer is None or not self.linear_probe, f"{key}.frozen.optimizer",
+               f"'{self.frozen.optimizer}' would never run: train.linear_probe is true, which fits the head with "
+               f"L-BFGS instead of frozen epochs; set train.linear_probe=false or train.frozen.optimizer=null")
 
 
 def _check_optimizer(name: str, key: str) -> None:
@@ -274,9 +297,13 @@ class TuneConfig:
 class EnsembleConfig:
     methods: list[str] = field(default_factory=lambda: ["mean", "weighted", "hill_climb"])
     hill_climb_max_iter: int = 50
+    seed_mean: bool = True  # a `seeds:` entry's variants enter the blends as one model, their mean
+    postprocess: str = "auto"  # auto (thresholds / class bias / QWK cut-points fitted on OOF, nested-scored) | none
 
     def validate(self, key: str) -> None:
         _check(self.hill_climb_max_iter >= 1, f"{key}.hill_climb_max_iter", "must be at least 1")
+        _check(self.postprocess in ("auto", "none"), f"{key}.postprocess",
+               f"'{self.postprocess}' is not a choice; valid: auto, none")
         for m in self.methods:
             _check(m in ENSEMBLE_METHODS, f"{key}.methods", f"'{m}' is not a method; valid: {', '.join(ENSEMBLE_METHODS)}")
 
@@ -294,6 +321,47 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    data: Optional[DataConfig] = None  # the labelled set to pretrain on: the keys and layouts of data.*
+    backbones: list[BackboneConfig] = field(default_factory=list)  # each -> runs/<exp>/<id>/pretrained.safetensors
+    holdout: float = 0.1  # share of pretrain.data's rows held out to monitor (and pick the epoch of) pretraining
+    train: dict = field(default_factory=dict)  # train.* overrides while pretraining, e.g. {unfrozen: {epochs: 10}}
+
+    def validate(self, key: str, cfg: "Config") -> None:
+        _check(0 < self.holdout <= 0.5, f"{key}.holdout", f"must be in (0, 0.5], got {self.holdout}")
+        if self.data is not None:
+            self.data.validate(f"{key}.data")
+        ids = [b.slug for b in self.backbones]
+        _check(len(set(ids)) == len(ids), f"{key}.backbones", f"ids must be unique, got {ids}")
+        cfg.variant(BackboneConfig(train=self.train), key)  # pretrain.train names train.* keys
+        for i, b in enumerate(self.backbones):
+            b.validate(f"{key}.backbones[{i}]")
+            _check(not b.seeds, f"{key}.backbones[{i}].seeds", "pretraining saves one checkpoint per id: no seeds")
+            cfg.variant(self.backbone_variant(b), f"{key}.backbones[{i}]")  # the train overrides build a valid config
+
+    def backbone_variant(self, b: BackboneConfig) -> BackboneConfig:
+        """The entry with ``pretrain.train`` merged under its own ``train`` overrides."""
+        return dataclasses.replace(b, train=_merge(self.train, b.train, "pretrain.train"))
+
+
+TRACKING_BACKENDS = ("none", "mlflow", "tensorboard")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    backend: str = "none"  # none | mlflow | tensorboard
+    uri: Optional[str] = None  # MLflow tracking URI or TensorBoard folder; null: mlruns/ or tensorboard/ by runs_dir
+
+    def validate(self, key: str) -> None:
+        import importlib.util  # only asks whether the package is there: importing mlflow takes a second
+        _check(self.backend in TRACKING_BACKENDS, f"{key}.backend",
+               f"'{self.backend}' is not a backend; valid: {', '.join(TRACKING_BACKENDS)}")
+        package = {"mlflow": "mlflow", "tensorboard": "tensorboard"}.get(self.backend)
+        _check(package is None or importlib.util.find_spec(package) is not None, f"{key}.backend",
+               f"{self.backend} is not installed; pip install -e '.[tracking]' (mlflow-skinny and tensorboard)")
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -305,6 +373,8 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     runs_dir: str = "runs"
     folds_dir: str = "folds"
     submissions_dir: str = "submissions"
@@ -316,25 +386,70 @@ class Config:
         self.folds.validate("folds")
         _check(self.metric in METRICS, "metric", f"'{self.metric}' is not a metric; valid: {', '.join(sorted(METRICS))}")
         _check(len(self.backbones) >= 1, "backbones", "list at least one backbone")
-        slugs = [b.slug for b in self.backbones]
-        _check(len(set(slugs)) == len(slugs), "backbones", f"backbone names must be unique, got {slugs}")
-        clash = set(slugs) & set(ENSEMBLE_METHODS)
-        _check(not clash, "backbones", f"{sorted(clash)} is also an ensemble method name; their submission "
-                                       f"files would collide")
         for i, b in enumerate(self.backbones):
             b.validate(f"backbones[{i}]")
+        ids = [b.slug for b in self.backbones]
+        dup = sorted({x for x in ids if ids.count(x) > 1})
+        _check(not dup, "backbones", f"model ids must be unique, {dup} appears twice; give one of the entries "
+                                     f"an `id:` (e.g. {dup[0] if dup else ''}-224)")
+        groups = {b.seed_group for b in self.backbones if b.seed_group}
+        clash = (set(ids) | groups) & set(ENSEMBLE_METHODS + ("ensemble",))
+        _check(not clash, "backbones", f"{sorted(clash)} is also an ensemble method name; their submission "
+                                       f"files would collide: give the entry another `id:`")
+        clash = groups & set(ids)
+        _check(not clash, "backbones", f"{sorted(clash)} names both a model and the seed-mean of a `seeds:` entry; "
+                                       f"give one of them another `id:`")
         self.train.validate("train")
         self.augment.validate("augment")
         self.tune.validate("tune")
         self.ensemble.validate("ensemble")
         self.submission.validate("submission")
+        self.tracking.validate("tracking")
+        self.pretrain.validate("pretrain", self)
 
     def backbone(self, name: str) -> BackboneConfig:
+        """The variant with this id (or the only variant of this timm name)."""
         for b in self.backbones:
-            if name in (b.name, b.slug):
+            if name == b.slug:
                 return b
-        raise PipelineError(f"backbone '{name}' is not in config key 'backbones'; "
-                            f"valid: {', '.join(b.name for b in self.backbones)}")
+        by_name = [b for b in self.backbones if b.name == name]
+        if len(by_name) == 1:
+            return by_name[0]
+        raise PipelineError(f"model '{name}' is not an id in config key 'backbones'; "
+                            f"valid: {', '.join(b.slug for b in self.backbones)}")
+
+    def seed_groups(self) -> dict[str, list[BackboneConfig]]:
+        """``seeds:`` entries: the seed-mean model's id -> its per-seed variants."""
+        groups: dict[str, list[BackboneConfig]] = {}
+        for b in self.backbones:
+            if b.seed_group:
+                groups.setdefault(b.seed_group, []).append(b)
+        return groups
+
+    def models(self, seed_mean: bool = True) -> dict[str, list[BackboneConfig]]:
+        """Model id -> the variants whose predictions it averages, in config order: one entry per
+        variant, and with ``seed_mean`` a ``seeds:`` entry's variants as one model (their mean)."""
+        out: dict[str, list[BackboneConfig]] = {}
+        for b in self.backbones:
+            if seed_mean and b.seed_group:
+                out.setdefault(b.seed_group, []).append(b)
+            else:
+                out[b.slug] = [b]
+        return out
+
+    def variant(self, bcfg: BackboneConfig, key: str | None = None) -> tuple["Config", BackboneConfig]:
+        """This config as one variant trains it: the entry's ``train``/``augment`` overrides merged
+        into those sections, and the entry without them (their effect now lives in the sections,
+        so fingerprints and resolved configs count each setting once)."""
+        key = key or f"backbones[{self.backbones.index(bcfg)}]"
+        if not bcfg.train and not bcfg.augment:
+            return self, bcfg
+        sections = {}
+        for name, cls in (("train", TrainConfig), ("augment", AugmentConfig)):
+            raw = _merge(dataclasses.asdict(getattr(self, name)), getattr(bcfg, name), f"{key}.{name}")
+            sections[name] = _build(cls, raw, f"{key}.{name}")
+            sections[name].validate(f"{key}.{name}")
+        return self.replace(**sections), dataclasses.replace(bcfg, train={}, augment={})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -369,6 +484,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]  # a single item where a list is expected
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping of keys to override, got {value!r}")
+        return value
     if tp is bool:
         _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
@@ -445,11 +563,40 @@ def _descend(node: Any, part: str, key: str) -> Any:
     return child
 
 
+def _merge(base: dict, changes: dict, key: str) -> dict:
+    """``base`` with ``changes`` merged in, recursively for sections (unknown keys are left for
+    :func:`_build` to refuse with the valid ones)."""
+    out = dict(base)
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{key}.{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def expand_seeds(backbones: list[BackboneConfig]) -> list[BackboneConfig]:
+    """Every entry with its ``id`` resolved; an entry with ``seeds: [a, b]`` becomes the variants
+    ``<id>-s<a>``, ``<id>-s<b>`` (``train.seed`` set, ``seed_group`` = ``<id>``)."""
+    out = []
+    for b in backbones:
+        if not b.seeds:
+            out.append(dataclasses.replace(b, id=b.slug))
+            continue
+        for seed in b.seeds:
+            out.append(dataclasses.replace(b, id=f"{b.slug}-s{seed}", seeds=None, seed_group=b.slug,
+                                           train={**b.train, "seed": seed}))
+    return out
+
+
 def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy through YAML types
     for word in overrides:
         apply_override(raw, word)
     cfg = _build(Config, raw)
+    for i, b in enumerate(cfg.backbones):  # each entry's overrides make a valid config (keys as written)
+        cfg.variant(b, f"backbones[{i}]")
+    cfg = cfg.replace(backbones=expand_seeds(cfg.backbones))
     cfg.validate()
     return cfg
 

@@ -370,9 +370,41 @@ def read_folds(cfg: Config) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- images
 
 
-def load_image(path: str) -> np.ndarray:
-    """An RGB uint8 HxWx3 array; a clear error for an unreadable file."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+REDUCING_GAP = 2.0  # a reduced JPEG decode keeps at least this many source pixels per output pixel
+_REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+
+
+def decode_reduction(width: int, height: int, size: int, resize: str = "crop", gap: float = REDUCING_GAP) -> int:
+    """The DCT scale (1, 2, 4 or 8) at which to decode a ``width`` x ``height`` JPEG that the
+    ``resize`` policy then brings to ``size``: the largest whose reduced image still has ``gap``
+    source pixels per output pixel along the side the policy fits (the shorter side for ``crop``
+    and ``squash``, the longer for ``pad``), so the exact resize that follows sees a fair
+    resample, as Pillow's ``thumbnail(reducing_gap=2.0)`` does.
+
+    >>> decode_reduction(4000, 3000, 224), decode_reduction(500, 500, 224), decode_reduction(500, 500, 224, gap=1)
+    (4, 1, 2)
+    """
+    side = max(width, height) if resize == "pad" else min(width, height)
+    return next((f for f in (8, 4, 2) if side / f >= gap * size), 1)
+
+
+def load_image(path: str, size: int | None = None, resize: str = "crop", gap: float = REDUCING_GAP) -> np.ndarray:
+    """An RGB uint8 HxWx3 array; a clear error for an unreadable file.
+
+    With ``size`` (the side the ``resize`` policy brings the image to next), a JPEG at least
+    ``2 x gap`` times larger is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling
+    (:func:`decode_reduction`; OpenCV's ``IMREAD_REDUCED_COLOR_*``): decoding is the largest
+    cost of a big photo, and the exact resize that follows still sees ``gap`` source pixels per
+    output pixel. Only the header is read to decide (Pillow, lazily)."""
+    flag = cv2.IMREAD_COLOR
+    if size is not None:
+        try:
+            with Image.open(path) as im:
+                if im.format == "JPEG":
+                    flag = _REDUCED.get(decode_reduction(*im.size, size, resize, gap), flag)
+        except Exception:  # not an image Pillow knows: the full decode below says what is wrong
+            pass
+    image = cv2.imread(path, flag)
     if image is None:  # cv2 cannot read it (e.g. some GIF/WebP variants): try Pillow
         try:
             with Image.open(path) as im:
@@ -386,14 +418,17 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images with optional targets, through an albumentations transform.
 
     ``cache`` (a :class:`pipeline.augment.ImageCache` or None) serves decoded, pre-resized
-    images from memory instead of reading files.
+    images from memory instead of reading files. ``decode`` (``(size, resize policy)`` or None)
+    lets :func:`load_image` decode large JPEGs at reduced scale before the transform's resize,
+    as the cache does: the same pixels with or without it.
     """
 
-    def __init__(self, paths, targets=None, transform=None, cache=None):
+    def __init__(self, paths, targets=None, transform=None, cache=None, decode: tuple[int, str] | None = None):
         self.paths = list(paths)
         self.targets = None if targets is None else np.asarray(targets)
         self.transform = transform
         self.cache = cache
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -403,7 +438,10 @@ class ImageDataset(torch.utils.data.Dataset):
         transform from both: a row's augmentation then depends on the epoch and the row only, not
         on the number of loader workers or on which of them loads it."""
         i, seed = item if isinstance(item, tuple) else (item, None)
-        image = self.cache[i] if self.cache is not None else load_image(self.paths[i])
+        if self.cache is not None:
+            image = self.cache[i]
+        else:
+            image = load_image(self.paths[i], *(self.decode or ()))
         if self.transform is not None:
             if seed is not None:
                 seed_transform(self.transform, row_seed(seed, i))

@@ -40,8 +40,6 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
@@ -50,8 +48,8 @@ from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import precision_recall_curve
 
-from pipeline import artifacts, locks
-from pipeline.config import BackboneConfig, Config
+from pipeline import artifacts, locks, postprocess
+from pipeline.config import Config
 from pipeline.data import read_csv, read_folds, require_columns, task_spec
 from pipeline.errors import PipelineError, first_few
 from pipeline.metrics import Metric, get_metric
@@ -82,10 +80,14 @@ class Inputs:
 
 @dataclass
 class Blend:
-    """A fitted method: ``predict(P) -> (rows, columns)``, and what it learned (for ``cv.json``)."""
+    """A fitted method: its parameters (JSON, reloadable: ``params.json``), ``predict(P) -> (rows,
+    columns)`` computed from them, and what it learned in words (for ``cv.json``)."""
 
-    predict: Callable[[np.ndarray], np.ndarray]
+    params: dict
     info: dict
+
+    def predict(self, P: np.ndarray) -> np.ndarray:
+        return apply_params(self.params, P)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -196,44 +198,75 @@ def stacking_features(P: np.ndarray, task: str, column: int | None = None) -> np
     return z.transpose(1, 0, 2).reshape(P.shape[1], -1)
 
 
-def _fit_classifier(X: np.ndarray, y: np.ndarray):
+def _fit_classifier(X: np.ndarray, y: np.ndarray) -> dict:
+    """A logistic regression's parameters (or the prior, for a label absent from these rows)."""
     y = y.astype(int)
-    if len(np.unique(y)) < 2:  # a label absent from these rows: predict its prior
-        return DummyClassifier(strategy="prior").fit(X, y)
-    return LogisticRegression(C=1.0, max_iter=2000).fit(X, y)
+    if len(np.unique(y)) < 2:
+        prior = DummyClassifier(strategy="prior").fit(X, y)
+        return {"classes": prior.classes_.tolist(), "prior": prior.class_prior_.tolist()}
+    model = LogisticRegression(C=1.0, max_iter=2000).fit(X, y)
+    return {"classes": model.classes_.tolist(), "coef": model.coef_.tolist(), "intercept": model.intercept_.tolist()}
 
 
-def _proba(model, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """``predict_proba`` spread into ``n_classes`` columns (classes absent from training get 0)."""
+def _classifier_proba(params: dict, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities ``(rows, n_classes)`` from :func:`_fit_classifier`'s parameters (classes absent
+    from training get 0): the logistic model's own formula, so saved parameters predict alike anywhere."""
     out = np.zeros((len(X), n_classes))
-    out[:, model.classes_.astype(int)] = model.predict_proba(X)
+    classes = np.asarray(params["classes"], dtype=int)
+    if "prior" in params:
+        out[:, classes] = np.asarray(params["prior"])
+        return out
+    decision = X @ np.asarray(params["coef"]).T + np.asarray(params["intercept"])
+    if len(classes) == 2:  # binary logistic regression: one decision column
+        p = 1.0 / (1.0 + np.exp(-decision[:, 0]))
+        out[:, classes] = np.column_stack([1.0 - p, p])
+        return out
+    z = np.exp(decision - decision.max(axis=1, keepdims=True))
+    out[:, classes] = z / z.sum(axis=1, keepdims=True)
     return out
 
 
-def _coefficients(model) -> dict:
-    coef = getattr(model, "coef_", None)
-    return {"coef": None if coef is None else np.round(coef, 6).tolist(),
-            "intercept": np.round(np.atleast_1d(getattr(model, "intercept_", [])), 6).tolist()}
+def _rounded(params: dict) -> dict:
+    """Coefficients for ``cv.json`` (6 decimals; ``params.json`` keeps full precision)."""
+    return {k: np.round(v, 6).tolist() if k in ("coef", "intercept") else v for k, v in params.items()}
 
 
 def fit_stacking(P: np.ndarray, y: np.ndarray, task: str) -> Blend:
     """Logistic regression on logits (classification) or ridge regression on values (regression)."""
     if task == "regression":
         model = Ridge(alpha=1.0).fit(stacking_features(P, task), y)
-        return Blend(lambda Q: model.predict(stacking_features(Q, task))[:, None],
-                     {"meta_model": "Ridge(alpha=1.0) on each model's values", **_coefficients(model)})
+        params = {"kind": "stacking", "task": task, "coef": model.coef_.tolist(),
+                  "intercept": float(model.intercept_)}
+        return Blend(params, {"meta_model": "Ridge(alpha=1.0) on each model's values", **_rounded(params)})
     about = "LogisticRegression(C=1.0) on each model's " + ("log-probabilities" if task == "multiclass" else "logits")
     if task == "multilabel":
-        models = [_fit_classifier(stacking_features(P, task, j), y[:, j]) for j in range(P.shape[2])]
-        return Blend(lambda Q: np.column_stack([_proba(mj, stacking_features(Q, task, j), 2)[:, 1]
-                                                for j, mj in enumerate(models)]),
-                     {"meta_model": about + ", one model per label", "labels": [_coefficients(mj) for mj in models]})
+        labels = [_fit_classifier(stacking_features(P, task, j), y[:, j]) for j in range(P.shape[2])]
+        params = {"kind": "stacking", "task": task, "labels": labels}
+        return Blend(params, {"meta_model": about + ", one model per label", "labels": [_rounded(p) for p in labels]})
     model = _fit_classifier(stacking_features(P, task), y)
-    if task == "binary":
-        return Blend(lambda Q: _proba(model, stacking_features(Q, task), 2)[:, 1:], {"meta_model": about,
-                                                                                   **_coefficients(model)})
-    return Blend(lambda Q: _proba(model, stacking_features(Q, task), P.shape[2]),
-                 {"meta_model": about, **_coefficients(model)})
+    params = {"kind": "stacking", "task": task, "n_classes": 2 if task == "binary" else P.shape[2], "model": model}
+    return Blend(params, {"meta_model": about, **_rounded(model)})
+
+
+def apply_params(params: dict, P: np.ndarray) -> np.ndarray:
+    """A fitted method's predictions ``(rows, columns)`` for models' predictions ``P`` ``(models,
+    rows, columns)``, from the method's saved parameters alone (``params.json``): what the ensemble
+    stage writes and what ``predict`` and a bundle compute are one function."""
+    kind = params["kind"]
+    if kind == "weights":
+        return np.tensordot(np.asarray(params["weights"]), P, axes=1)
+    if kind == "rank":
+        return rank_blend(P, params["task"])
+    if kind != "stacking":
+        raise PipelineError(f"ensemble parameters of kind '{kind}' are unknown to this version; re-run `make ensemble`")
+    task = params["task"]
+    if task == "regression":
+        return (stacking_features(P, task) @ np.asarray(params["coef"]) + params["intercept"])[:, None]
+    if task == "multilabel":
+        return np.column_stack([_classifier_proba(p, stacking_features(P, task, j), 2)[:, 1]
+                                for j, p in enumerate(params["labels"])])
+    proba = _classifier_proba(params["model"], stacking_features(P, task), params["n_classes"])
+    return proba[:, 1:] if task == "binary" else proba
 
 
 def tune_thresholds(y: np.ndarray, pred: np.ndarray) -> list[float]:
@@ -269,18 +302,19 @@ def fit_method(method: str, P: np.ndarray, y: np.ndarray, inputs: Inputs, cfg: C
     """Fit one ensemble method on predictions ``P`` and targets ``y`` of some train rows."""
     task, names = inputs.spec.task, inputs.names
     if method == "mean":
-        return Blend(mean_blend, _weights_info(names, np.full(len(names), 1 / len(names))))
+        w = np.full(len(names), 1 / len(names))
+        return Blend({"kind": "weights", "weights": w.tolist()}, _weights_info(names, w))
     if method == "rank":
-        return Blend(lambda Q: rank_blend(Q, task), {"weights": "equal, on ranks scaled to [0, 1]"})
+        return Blend({"kind": "rank", "task": task}, {"weights": "equal, on ranks scaled to [0, 1]"})
     if method == "weighted":
         w = fit_weights(P, y, task)
-        return Blend(lambda Q: np.tensordot(w, Q, axes=1),
-                     {**_weights_info(names, w), **_objective_note(inputs.metric, task)})
+        return Blend({"kind": "weights", "weights": w.tolist()},
+                        {**_weights_info(names, w), **_objective_note(inputs.metric, task)})
     if method == "hill_climb":
         chosen = hill_climb(P, y, inputs.metric, task, cfg.ensemble.hill_climb_max_iter)
         w = np.bincount(chosen, minlength=len(names)) / len(chosen)
-        return Blend(lambda Q: np.tensordot(w, Q, axes=1),
-                     {**_weights_info(names, w), "selection": [names[i] for i in chosen]})
+        return Blend({"kind": "weights", "weights": w.tolist(), "selection": [names[i] for i in chosen]},
+                        {**_weights_info(names, w), "selection": [names[i] for i in chosen]})
     if method == "stacking":
         return fit_stacking(P, y, task)
     raise PipelineError(f"'{method}' is not an ensemble method (config key ensemble.methods)")
@@ -291,54 +325,90 @@ def fit_rows(method: str, inputs: Inputs, rows: np.ndarray, cfg: Config) -> Blen
     return fit_method(method, inputs.oof[:, rows], inputs.y[rows], inputs, cfg)
 
 
-def cross_fit(method: str, inputs: Inputs, cfg: Config) -> np.ndarray:
-    """Nested predictions: each fold's rows predicted by ``method`` fitted on the other folds only."""
-    out = np.empty_like(inputs.oof[0])
+def cross_fit(method: str, inputs: Inputs, cfg: Config, kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Nested predictions: each fold's rows predicted by ``method`` fitted on the other folds only;
+    with a post-processing ``kind``, also those predictions post-processed by parameters fitted on
+    the other folds' rows (blended by that same fold's blend), never on the fold itself."""
+    raw, processed = np.empty_like(inputs.oof[0]), np.empty_like(inputs.oof[0]) if kind else None
     for k in np.unique(inputs.folds):
         held_out = inputs.folds == k
-        blend = fit_rows(method, inputs, np.flatnonzero(~held_out), cfg)
-        out[held_out] = blend.predict(inputs.oof[:, held_out])
-    return out
+        other = np.flatnonzero(~held_out)
+        blend = fit_rows(method, inputs, other, cfg)
+        raw[held_out] = blend.predict(inputs.oof[:, held_out])
+        if kind:
+            fitted = postprocess.fit(kind, inputs.y[other], blend.predict(inputs.oof[:, other]), inputs.metric,
+                                     inputs.spec.task)
+            processed[held_out] = postprocess.apply(fitted, raw[held_out])
+    return raw, processed
 
 
 def _finite(x) -> float | None:
     return float(x) if x is not None and np.isfinite(x) else None
 
 
-def run_method(method: str, inputs: Inputs, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict]:
-    """OOF predictions, test predictions and the ``cv.json`` of one method."""
+def _mean(scores) -> float | None:
+    return _finite(np.nanmean(scores))
+
+
+def run_method(method: str, inputs: Inputs, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """OOF predictions, test predictions, the ``cv.json`` and the ``params.json`` of one method.
+
+    With ``ensemble.postprocess: auto`` and a metric that decisions score, the post-processing is
+    fitted on all OOF rows for the submission and scored by nested CV; it is applied (to
+    ``oof.csv``, ``test.csv`` and the submission) when that nested score beats the plain one, and
+    ``nested_cv`` is then the post-processed score, the one that matches what is submitted."""
     task, metric = inputs.spec.task, inputs.metric
+    kind = postprocess.choose_kind(task, metric.name) if cfg.ensemble.postprocess == "auto" else None
     full = fit_rows(method, inputs, np.arange(len(inputs.y)), cfg)
-    nested = cross_fit(method, inputs, cfg) if method in LEARNED else None
+    nested, nested_pp = cross_fit(method, inputs, cfg, kind) if method in LEARNED or kind else (None, None)
     oof = nested if method == "stacking" else full.predict(inputs.oof)
+    test = full.predict(inputs.test)
+    nested_folds = fold_scores(metric, task, inputs.y, nested if method in LEARNED else oof, inputs.folds)
+    post = None
+    if kind:
+        pp_folds = fold_scores(metric, task, inputs.y, nested_pp, inputs.folds)
+        applied = metric.better(np.nanmean(pp_folds), np.nanmean(nested_folds))
+        fitted = postprocess.fit(kind, inputs.y, oof, metric, task)
+        post = {"kind": kind, "applied": bool(applied), "params": fitted, "nested_cv": _mean(pp_folds),
+                "nested_folds": [_finite(x) for x in pp_folds], "nested_cv_without": _mean(nested_folds),
+                "note": "fitted on all OOF rows for the submission; nested_cv: fitted on the other folds per fold"
+                        + ("" if applied else "; not applied: it did not beat the plain nested CV")}
+        if applied:
+            oof, test, nested_folds = postprocess.apply(fitted, oof), postprocess.apply(fitted, test), pp_folds
     folds = fold_scores(metric, task, inputs.y, oof, inputs.folds)
-    nested_folds = fold_scores(metric, task, inputs.y, nested, inputs.folds) if nested is not None else folds
+    applied = post is not None and post["applied"]
     cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better,
           "folds": [_finite(s) for s in folds], "oof": _finite(score(metric, task, inputs.y, oof)),
-          "cv_mean": _finite(np.nanmean(folds)), "cv_std": _finite(np.nanstd(folds)),
-          "nested_cv": _finite(np.nanmean(nested_folds)), "nested_folds": [_finite(s) for s in nested_folds],
-          "oof_in_sample": method in IN_SAMPLE, "models": inputs.names, **full.info,
-          "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if task == "multilabel":
-        cv["thresholds"] = dict(zip(inputs.spec.classes, tune_thresholds(inputs.y, oof)))
-    return oof, full.predict(inputs.test), cv
+          "cv_mean": _mean(folds), "cv_std": _finite(np.nanstd(folds)),
+          "nested_cv": _mean(nested_folds), "nested_folds": [_finite(s) for s in nested_folds],
+          "oof_in_sample": method in IN_SAMPLE or applied, "models": inputs.names, **full.info,
+          "postprocess": post, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if task == "multilabel":  # label lists: the post-processing's thresholds already sit at 0.5
+        thresholds = [0.5] * len(inputs.spec.classes) if applied else tune_thresholds(inputs.y, oof)
+        cv["thresholds"] = dict(zip(inputs.spec.classes, thresholds))
+    params = {"method": method, "models": inputs.names, "task": task, "params": full.params,
+              "postprocess": post["params"] if applied else None, "thresholds": cv.get("thresholds")}
+    return oof, test, cv, params
 
 
 # ---------------------------------------------------------------------------- reading inputs
 
 
-def available_backbones(cfg: Config) -> list[BackboneConfig]:
-    """Backbones whose ``oof.csv`` and ``test.csv`` exist; a note for each one skipped."""
+def available_models(cfg: Config) -> list[str]:
+    """Ids of the models to blend whose ``oof.csv`` and ``test.csv`` exist (a note for each one
+    missing): every variant, with a ``seeds:`` entry's variants as their seed-mean model when
+    ``ensemble.seed_mean`` is true."""
     paths, found = Paths(cfg), []
-    for b in cfg.backbones:
-        missing = [p for p in (paths.oof_csv(b.name), paths.test_csv(b.name)) if not p.exists()]
+    models = list(cfg.models(seed_mean=cfg.ensemble.seed_mean))
+    for name in models:
+        missing = [p for p in (paths.oof_csv(name), paths.test_csv(name)) if not p.exists()]
         if missing:
-            print(f"ensemble: skipping {b.name}: {missing[0]} is missing (train it: make train-folds)")
+            print(f"ensemble: skipping {name}: {missing[0]} is missing (train it: make train-folds)")
         else:
-            found.append(b)
+            found.append(name)
     if not found:
-        raise PipelineError(f"no backbone has OOF predictions yet (looked for {paths.oof_csv(cfg.backbones[0].name)} "
-                            f"and the like for {len(cfg.backbones)} backbones); run `make train-folds` first")
+        raise PipelineError(f"no model has OOF predictions yet (looked for {paths.oof_csv(models[0])} "
+                            f"and the like for {len(models)} models); run `make train-folds` first")
     return found
 
 
@@ -385,12 +455,11 @@ def read_test(cfg: Config, spec: TaskSpec, name: str, sample_ids: np.ndarray) ->
     return preds
 
 
-def load_inputs(cfg: Config, backbones: list[BackboneConfig]) -> Inputs:
+def load_inputs(cfg: Config, names: list[str]) -> Inputs:
     paths, id_col = Paths(cfg), cfg.data.id_column
     folds = read_folds(cfg)
     spec = task_spec(cfg, folds)
     sample_ids = read_csv(paths.sample_submission, "sample submission")[id_col].to_numpy(str)
-    names = [b.name for b in backbones]
     return Inputs(spec=spec, metric=get_metric(cfg.metric, spec.task), names=names,
                   ids=folds[id_col].to_numpy(str), folds=folds["fold"].to_numpy(int), y=spec.encode(folds),
                   oof=np.stack([read_oof(cfg, spec, n, folds) for n in names]),
@@ -400,29 +469,30 @@ def load_inputs(cfg: Config, backbones: list[BackboneConfig]) -> Inputs:
 # ---------------------------------------------------------------------------- the stage
 
 
-def _outputs(cfg: Config, backbones: list[BackboneConfig]) -> list[Path]:
+def _outputs(cfg: Config, names: list[str]) -> list[Path]:
     paths = Paths(cfg)
-    outs = [paths.ensemble_method_dir(m) / f for m in cfg.ensemble.methods for f in ("oof.csv", "test.csv", "cv.json")]
+    outs = [paths.ensemble_method_dir(m) / f for m in cfg.ensemble.methods
+            for f in ("oof.csv", "test.csv", "cv.json", "params.json")]
     outs += [paths.submission(m) for m in cfg.ensemble.methods]
     if cfg.submission.per_backbone:
-        outs += [paths.submission(b.slug) for b in backbones] + [paths.ensemble_dir / "backbones.json"]
+        outs += [paths.submission(n) for n in names] + [paths.ensemble_dir / "backbones.json"]
     return outs
 
 
-def _digest(cfg: Config, backbones: list[BackboneConfig]) -> str:
+def _digest(cfg: Config, names: list[str]) -> str:
     paths = Paths(cfg)
     files = [paths.folds_csv, paths.sample_submission]
-    files += [f for b in backbones for f in (paths.oof_csv(b.name), paths.test_csv(b.name))]
+    files += [f for n in names for f in (paths.oof_csv(n), paths.test_csv(n))]
     config_part = {"ensemble": dataclasses.asdict(cfg.ensemble), "submission": dataclasses.asdict(cfg.submission),
-                   "metric": cfg.metric, "data": dataclasses.asdict(cfg.data), "models": [b.name for b in backbones],
-                   "version": 1}
+                   "metric": cfg.metric, "data": dataclasses.asdict(cfg.data), "models": names,
+                   "version": 2}
     return artifacts.fingerprint(config_part, files)
 
 
 def write_method(cfg: Config, inputs: Inputs, method: str) -> dict:
     """Fit one method; write its ``oof.csv``, ``test.csv``, ``cv.json`` and its submission."""
     paths, spec, id_col = Paths(cfg), inputs.spec, cfg.data.id_column
-    oof, test, cv = run_method(method, inputs, cfg)
+    oof, test, cv, params = run_method(method, inputs, cfg)
     out = paths.ensemble_method_dir(method)
     oof_frame = spec.predictions_frame(inputs.ids, oof, id_col)
     oof_frame.insert(1, "fold", inputs.folds)
@@ -430,6 +500,7 @@ def write_method(cfg: Config, inputs: Inputs, method: str) -> dict:
     artifacts.write_csv(out / "oof.csv", oof_frame)
     artifacts.write_csv(out / "test.csv", test_frame)
     artifacts.write_json(out / "cv.json", cv)
+    artifacts.write_json(out / "params.json", params)
     write_submission(cfg, spec, test_frame, paths.submission(method), thresholds=_threshold_list(spec, cv))
     return cv
 
@@ -438,16 +509,16 @@ def _threshold_list(spec: TaskSpec, cv: dict) -> list[float] | None:
     return [cv["thresholds"][c] for c in spec.classes] if "thresholds" in cv else None
 
 
-def write_backbone_submissions(cfg: Config, inputs: Inputs, backbones: list[BackboneConfig]) -> Path:
-    """One submission per backbone; multilabel thresholds tuned on its OOF go to ``backbones.json``."""
+def write_backbone_submissions(cfg: Config, inputs: Inputs) -> Path:
+    """One submission per model; multilabel thresholds tuned on its OOF go to ``backbones.json``."""
     paths, spec, id_col = Paths(cfg), inputs.spec, cfg.data.id_column
     info = {}
-    for i, b in enumerate(backbones):
+    for i, name in enumerate(inputs.names):
         thresholds = tune_thresholds(inputs.y, inputs.oof[i]) if spec.task == "multilabel" else None
         path = write_submission(cfg, spec, spec.predictions_frame(inputs.test_ids, inputs.test[i], id_col),
-                                paths.submission(b.slug), thresholds=thresholds)
-        info[b.name] = {"submission": str(path),
-                        "thresholds": dict(zip(spec.classes, thresholds)) if thresholds else None}
+                                paths.submission(name), thresholds=thresholds)
+        info[name] = {"submission": str(path),
+                      "thresholds": dict(zip(spec.classes, thresholds)) if thresholds else None}
     return artifacts.write_json(paths.ensemble_dir / "backbones.json", info)
 
 
@@ -459,6 +530,10 @@ def _summary(inputs: Inputs, results: dict[str, dict]) -> str:
     for method, cv in results.items():
         fmt = lambda x: "nan" if x is None else f"{x:.4f}"  # noqa: E731
         note = " (OOF in-sample; nested_cv is the honest score)" if cv["oof_in_sample"] else ""
+        post = cv.get("postprocess")
+        if post:
+            note += (f"; {post['kind']} post-processing: nested_cv {fmt(post['nested_cv'])} vs "
+                     f"{fmt(post['nested_cv_without'])} without, {'applied' if post['applied'] else 'not applied'}")
         lines.append(f"  {method:<11} OOF {fmt(cv['oof'])}  CV {fmt(cv['cv_mean'])} +- {fmt(cv['cv_std'])}  "
                      f"nested_cv {fmt(cv['nested_cv'])}{note}")
     return "\n".join(lines)
@@ -471,12 +546,12 @@ def run_ensemble(cfg: Config, force: bool = False) -> Path:
     the sample submission and the ensemble/submission/metric config are unchanged (``force`` redoes it).
     """
     paths = Paths(cfg)
-    backbones = available_backbones(cfg)
-    outputs, digest = _outputs(cfg, backbones), _digest(cfg, backbones)
+    names = available_models(cfg)
+    outputs, digest = _outputs(cfg, names), _digest(cfg, names)
     if not force and artifacts.is_up_to_date(outputs, digest):
         print(f"ensemble: {paths.ensemble_dir} is up to date (use --force to redo)")
         return paths.ensemble_dir
-    inputs = load_inputs(cfg, backbones)
+    inputs = load_inputs(cfg, names)
     artifacts.check_writable(paths.ensemble_dir, paths.submissions_dir)  # before the first of many files
     with locks.hold(paths.ensemble_dir, f"ensemble of {cfg.name}", "is being written", wait=True):
         if not force and artifacts.is_up_to_date(outputs, digest):  # written by the run it waited for
@@ -489,7 +564,7 @@ def run_ensemble(cfg: Config, force: bool = False) -> Path:
                   f"scores its [0, 1] ranks as they are")
         results = {m: write_method(cfg, inputs, m) for m in cfg.ensemble.methods}
         if cfg.submission.per_backbone:
-            write_backbone_submissions(cfg, inputs, backbones)
+            write_backbone_submissions(cfg, inputs)
         artifacts.mark_done(outputs, digest)
     print(_summary(inputs, results))
     print(f"ensemble: wrote {paths.ensemble_dir} and submissions in {paths.submissions_dir}")

@@ -57,8 +57,7 @@ class Runtime:
             raise PipelineError(f"train.device is '{name}' but CUDA is not available; use train.device=cpu or auto")
         dev = torch.device(name)
         cuda = dev.type == "cuda"
-        if tcfg.deterministic:
-            make_deterministic()
+        set_cudnn(tcfg, dev)
         amp_dtype = choose_amp_dtype(tcfg, dev)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         shape = (1, 3, 1, 1)
@@ -108,6 +107,16 @@ def choose_amp_dtype(tcfg: TrainConfig, device: torch.device) -> torch.dtype | N
     if tcfg.amp_dtype == "auto":
         return torch.bfloat16 if native_bf16 else torch.float16
     return torch.bfloat16 if tcfg.amp_dtype == "bf16" else torch.float16
+
+
+def set_cudnn(tcfg: TrainConfig, device: torch.device) -> None:
+    """``train.deterministic``: :func:`make_deterministic`; otherwise, on CUDA, cuDNN's autotuner
+    (``cudnn.benchmark``): every input has one size (the resize policy makes each image square at
+    the backbone's size), so the fastest kernels are found once per shape and reused."""
+    if tcfg.deterministic:
+        make_deterministic()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def make_deterministic() -> None:
@@ -179,12 +188,28 @@ def seed_everything(*parts: int) -> int:
     return seed
 
 
-def default_workers(runtime: Runtime, configured: int | None) -> int:
+PROCESSES_ENV = "PIPELINE_PROCESSES"  # set by the parent of parallel fold processes: how many share the machine
+
+
+def training_processes() -> int:
+    """How many training processes share this machine's cores: torchrun's ranks on this node
+    (``LOCAL_WORLD_SIZE``), the fold processes of ``--jobs N`` (:data:`PROCESSES_ENV`), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", PROCESSES_ENV):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def default_workers(runtime: Runtime, configured: int | None, processes: int | None = None) -> int:
+    """``train.num_workers``, or this process's share of the CPU cores: on a GPU every core but
+    one (the process's own) of its share feeds the model; on a CPU the workers compete with the
+    model's threads, so at most 4 and two cores left to the model."""
     if configured is not None:
         return configured
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # On CPU the workers compete with the model's own threads; on a GPU they feed it.
-    return min(8, cpus) if runtime.cuda else max(0, min(4, cpus - 2))
+    share = max(1, cpus // (processes or training_processes()))
+    return max(1, share - 1) if runtime.cuda else max(0, min(4, share - 2))
 
 
 # ---------------------------------------------------------------------------- loss
@@ -236,15 +261,28 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, phase: PhaseConfig, fro
     (or timm's layer-wise decay) and head at ``lr``. Group LRs are ``lr x lr_scale`` so the
     scheduler keeps the ratio through warmup and decay."""
     backbone, head = split_parameters(model)
+    opt = phase.optimizer or tcfg.optimizer  # train.<phase>.optimizer, else train.optimizer
     if frozen:
         groups = _decay_groups(head, 1.0, True)
     elif phase.layer_decay is not None:
-        return create_optimizer_v2(model, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay,
-                                   layer_decay=phase.layer_decay)
+        return create_optimizer_v2(model, opt=opt, lr=phase.lr, weight_decay=tcfg.weight_decay,
+                                   layer_decay=phase.layer_decay, **fused_kwargs(opt, model))
     else:
         groups = _decay_groups(backbone, phase.backbone_lr_mult, False) + _decay_groups(head, 1.0, True)
     # every group's base LR is the head LR; the scheduler applies each group's lr_scale
-    return create_optimizer_v2(groups, opt=tcfg.optimizer, lr=phase.lr, weight_decay=tcfg.weight_decay)
+    return create_optimizer_v2(groups, opt=opt, lr=phase.lr, weight_decay=tcfg.weight_decay,
+                               **fused_kwargs(opt, model))
+
+
+FUSED = ("adam", "adamw")  # timm names of torch.optim classes with a fused CUDA kernel
+
+
+def fused_kwargs(optimizer: str, model: nn.Module) -> dict:
+    """``fused=True`` for torch's Adam/AdamW when every parameter is on CUDA: one kernel per step
+    instead of several per parameter tensor (works with the fp16 GradScaler and clipping)."""
+    if optimizer.lower() not in FUSED:
+        return {}
+    return {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
 
 
 LR_SCHEDULE = "warmup within the phase, cosine to lr x min_lr_ratio at its last update"  # tune studies record it
@@ -374,17 +412,27 @@ def run_batches(batches: Iterable, step_fn: Callable, stepper: Stepper, n_batche
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, runtime: Runtime, views=("identity",)) -> list[torch.Tensor]:
-    """Logits per TTA view for every image in ``loader`` (order preserved), on the CPU."""
+def predict_logits(model: nn.Module, loader, runtime: Runtime, views=("identity",),
+                   max_images: int | None = None) -> list[torch.Tensor]:
+    """Logits per TTA view for every image in ``loader`` (order preserved), on the CPU.
+
+    The views of a batch are stacked on the batch axis and go through the model together, in
+    forward passes of at most ``max_images`` images (None: the whole stack): one large pass
+    instead of one per view. The model is in eval mode, so each image's logits do not depend on
+    its batch-mates (up to the float rounding of other kernel choices)."""
     model.eval()
     net = runtime.maybe_compile(model)
     out: list[list[torch.Tensor]] = [[] for _ in views]
     fns = [TTA_VIEWS[v] for v in views]
     for x, _ in loader:
         x = runtime.images(x)
+        stacked = torch.cat([fn(x) for fn in fns]) if len(fns) > 1 else x
+        if runtime.channels_last:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
-            for k, fn in enumerate(fns):
-                out[k].append(net(fn(x)).float().cpu())
+            logits = torch.cat([net(part).float() for part in stacked.split(max_images or len(stacked))]).cpu()
+        for k, part in enumerate(logits.split(len(x))):
+            out[k].append(part)
     return [torch.cat(o) for o in out]
 
 

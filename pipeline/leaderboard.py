@@ -128,8 +128,8 @@ def honesty(cv: dict, kind: str) -> str:
 def _entries(cfg: Config) -> list[tuple[str, str, Path, Path, Path]]:
     """(model, kind, cv.json, submission, oof.csv) of every configured backbone and ensemble method."""
     paths = Paths(cfg)
-    rows = [(b.name, "backbone", paths.cv_json(b.name), paths.submission(b.slug), paths.oof_csv(b.name))
-            for b in cfg.backbones]
+    models = {**cfg.models(seed_mean=False), **cfg.seed_groups()}  # every variant, and each seeds: entry's mean
+    rows = [(m, "backbone", paths.cv_json(m), paths.submission(m), paths.oof_csv(m)) for m in models]
     rows += [(m, "ensemble", paths.ensemble_method_dir(m) / "cv.json", paths.submission(m),
               paths.ensemble_method_dir(m) / "oof.csv") for m in cfg.ensemble.methods]
     return rows

@@ -286,24 +286,25 @@ def run_lr_find(cfg: Config, backbone: str | None = None, force: bool = False, *
     if unfrozen_steps is None:
         unfrozen_steps = steps if torch.cuda.is_available() and cfg.train.device != "cpu" else min(steps, UNFROZEN_STEPS_CPU)
     lrs = np.geomspace(start_lr, end_lr, steps)
-    for bcfg in backbones:
-        bcfg_cfg, source = apply_tuned(cfg, bcfg)
-        out = paths.lr_find_dir(bcfg.name)
+    for entry in backbones:
+        bcfg_cfg, bcfg = cfg.variant(entry)
+        bcfg_cfg, source = apply_tuned(bcfg_cfg, bcfg)
+        out = paths.lr_find_dir(bcfg.slug)
         outputs = [out / name for name in OUTPUTS]
         digest = _digest(bcfg_cfg, bcfg, {"start": start_lr, "end": end_lr, "steps": steps, "unfrozen": unfrozen_steps})
         if not force and artifacts.is_up_to_date(outputs, digest):
-            print(f"lr-find {bcfg.name}: {out} is up to date; skipped (--force to redo)")
+            print(f"lr-find {bcfg.slug}: {out} is up to date; skipped (--force to redo)")
             continue
         ratio = bcfg_cfg.train.unfrozen.layer_decay
         ratio_text = f"layer decay {ratio}" if ratio is not None else f"x{bcfg_cfg.train.unfrozen.backbone_lr_mult:g}"
-        print(f"lr-find {bcfg.name}: {start_lr:.0e} -> {end_lr:g} on fold 0's {int((table['fold'] != 0).sum())} train "
+        print(f"lr-find {bcfg.slug}: {start_lr:.0e} -> {end_lr:g} on fold 0's {int((table['fold'] != 0).sum())} train "
               f"rows: frozen phase {steps} steps, unfrozen phase {unfrozen_steps} steps (backbone LR {ratio_text}; "
               f"LRs from {source['lr_source']})")
         curves = lr_find_backbone(bcfg_cfg, bcfg, spec, table, lrs, unfrozen_steps)
         suggestions = {phase: suggest_lr(curve) for phase, (curve, _) in curves.items()}
-        write_outputs(out, bcfg.name, curves, suggestions, bcfg_cfg)
+        write_outputs(out, bcfg.slug, curves, suggestions, bcfg_cfg)
         artifacts.mark_done(outputs, digest)
-    return paths.lr_find_dir(backbones[-1].name)
+    return paths.lr_find_dir(backbones[-1].slug)
 
 
 def write_outputs(out: Path, name: str, curves: dict, suggestions: dict, cfg: Config) -> dict:

@@ -26,11 +26,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import artifacts, checkpoints, distributed, locks
+from pipeline import artifacts, checkpoints, distributed, locks, tracking
 from pipeline.augment import ImageCache, eval_transform, train_transform
 from pipeline.budget import planned_config
-from pipeline.backbones import (adapt_batchnorm, check_model_name, check_weights, create_backbone, data_config,
-                                freeze_batchnorm_stats, frozen_train_mode, pooled_features, set_frozen)
+from pipeline.backbones import (PRETRAINED, adapt_batchnorm, check_model_name, check_weights, create_backbone,
+                                data_config, freeze_batchnorm_stats, frozen_train_mode, pooled_features,
+                                pretrained_file, set_frozen)
 from pipeline.config import BackboneConfig, Config, PhaseConfig, dump_config
 from pipeline.data import (PATH, ImageDataset, SeededSampler, check_images_readable, read_folds, read_test_table,
                            record_verified, task_spec, verified_dir)
@@ -40,6 +41,7 @@ from pipeline.fit import (LR_SCHEDULE, NonFiniteLoss, Runtime, Stepper, activate
                           default_workers, group_lrs, make_loss, predict_logits, run_batches, score, seed_everything)
 from pipeline.metrics import get_metric
 from pipeline.paths import Paths
+from pipeline.pseudo import with_pseudo_labels
 from pipeline.tasks import TaskSpec
 
 # ----------------------------------------------------------------------------- tuned LRs
@@ -52,7 +54,7 @@ def apply_tuned(cfg: Config, bcfg: BackboneConfig) -> tuple[Config, dict]:
     LRs tuned for one objective (image size, budget, augmentation, data, ...) are no evidence
     for another, so best.json's recorded objective is compared with this config's: ``auto``
     then falls back to the config's LRs, ``true`` uses the tuned ones; both print the changes."""
-    path = Paths(cfg).tuned_params(bcfg.name)
+    path = Paths(cfg).tuned_params(bcfg.slug)
     use = cfg.train.use_tuned == "true" or (cfg.train.use_tuned == "auto" and path.exists())
     if not use:
         return cfg, {"lr_source": "config"}
@@ -62,11 +64,11 @@ def apply_tuned(cfg: Config, bcfg: BackboneConfig) -> tuple[Config, dict]:
     params = best["params"]
     changes = tuned_objective_changes(cfg, bcfg, best)
     if changes and cfg.train.use_tuned == "auto":
-        print(f"{bcfg.name}: {path} was tuned for another objective ({'; '.join(changes)}); using the config's "
+        print(f"{bcfg.slug}: {path} was tuned for another objective ({'; '.join(changes)}); using the config's "
               f"LRs (`make tune` re-tunes; train.use_tuned=true uses the tuned LRs anyway)")
         return cfg, {"lr_source": "config", "stale_tuned": str(path), "objective_changes": changes}
     if changes:
-        print(f"{bcfg.name}: train.use_tuned is true: using the LRs of {path}, tuned for another objective "
+        print(f"{bcfg.slug}: train.use_tuned is true: using the LRs of {path}, tuned for another objective "
               f"({'; '.join(changes)})")
     frozen, unfrozen, train = cfg.train.frozen, cfg.train.unfrozen, cfg.train
     frozen = dataclasses.replace(frozen, lr=params.get("frozen_lr", frozen.lr))
@@ -142,7 +144,7 @@ class FoldTrainer:
         self.tcfg = cfg.train
         self.metric = get_metric(cfg.metric, job.spec.task)
         seed_everything(self.tcfg.seed)  # same initial model in every fold
-        self.model = create_backbone(job.bcfg, job.spec.num_outputs)
+        self.model = create_backbone(job.bcfg, job.spec.num_outputs, Paths(cfg).exp_dir)
         self.dc = data_config(self.model, job.bcfg)
         device = f"cuda:{distributed.local_rank()}" if distributed.enabled() and torch.cuda.is_available() else None
         self.rt = Runtime.create(self.tcfg, self.dc["mean"], self.dc["std"], device)
@@ -152,7 +154,8 @@ class FoldTrainer:
         self.rank_batch_size = max(1, self.batch_size // distributed.world_size())  # DDP: same global batch
         self.workers = default_workers(self.rt, self.tcfg.num_workers)
         folds = job.table["fold"].to_numpy()
-        self.train_idx = np.flatnonzero(folds != job.fold)
+        # fold < 0: a pseudo-labelled test row (pipeline.pseudo) that trains fold -1 - fold only, never validates
+        self.train_idx = np.flatnonzero(np.where(folds >= 0, folds != job.fold, folds == -1 - job.fold))
         self.valid_idx = np.flatnonzero(folds == job.fold)
         if len(self.valid_idx) == 0:
             raise PipelineError(f"fold {job.fold} has no validation rows; folds run 0..{folds.max()}")
@@ -181,7 +184,7 @@ class FoldTrainer:
             loader = self._loader(self._dataset(np.arange(len(self.job.table)), train=False))
             with self.rt.autocast():
                 _BN_STATS[key] = adapt_batchnorm(self.model, (self.rt.images(x) for x, _ in loader))
-            print(f"adapt_bn: BatchNorm statistics of {self.job.bcfg.name} re-estimated on {len(self.job.table)} train images")
+            print(f"adapt_bn: BatchNorm statistics of {self.job.bcfg.slug} re-estimated on {len(self.job.table)} train images")
         self.model.load_state_dict(_BN_STATS[key], strict=False)
 
     def _images_key(self) -> str:
@@ -192,37 +195,64 @@ class FoldTrainer:
                                       "paths": list(self.job.table[PATH])})
 
     # ------------------------------------------------------------------ data
-    def _image_cache(self):
+    def _image_cache(self, test: bool = False):
+        """``train.cache_images``: the train (or test) images decoded and resized once per (image
+        files, size, interpolation, resize policy) into ``runs/<exp>/cache/`` and memory-mapped
+        (:class:`ImageCache`): every fold, tune trial, prediction pass and parallel process reads the
+        same file; the first process that needs it builds it while others wait on its lock. None when
+        the option is off, or when the file would take over half the free disk space (said once)."""
         if not self.tcfg.cache_images:
             return None
-        size, paths = self.dc["size"], list(self.job.table[PATH])
-        if self.job.test is not None:
-            paths += list(self.job.test[PATH])
-        print(f"image cache: {len(paths)} images at {size}px take "
-              f"{ImageCache.bytes_needed(len(paths), size) / 2**20:.1f} MiB of memory")
-        return ImageCache(paths, size, self.dc["interpolation"], resize=self.job.cfg.augment.resize)
+        table = self.job.test if test else self.job.table
+        size, interp, resize = self.dc["size"], self.dc["interpolation"], self.job.cfg.augment.resize
+        path = ImageCache.file_for(Paths(self.job.cfg).exp_dir / "cache", table[PATH], size, interp, resize)
+        if not path.exists() and not ImageCache.fits_on_disk(path, len(table), size):
+            print(f"image cache: {len(table)} images at {size}px would take "
+                  f"{ImageCache.bytes_needed(len(table), size) / 2**30:.1f} GiB, over half the free space "
+                  f"under {path.parent}; reading the image files instead")
+            return None
+        if distributed.enabled() or not path.exists():  # under torchrun every rank takes part in the lock
+            with locks.hold(path, f"image cache {path.name}", "is being built", wait=True):
+                if distributed.is_main() and ImageCache.build(path, table[PATH], size, interp, resize):
+                    print(f"image cache: {len(table)} {'test' if test else 'train'} images at {size}px decoded "
+                          f"once into {path} ({ImageCache.bytes_needed(len(table), size) / 2**20:.1f} MiB, "
+                          f"memory-mapped by every fold and process)")
+            distributed.barrier()
+        return ImageCache.open(path)
+
+    def _cache_for(self, test: bool):
+        """The train cache (built with the trainer), or the test cache (built at its first use)."""
+        if not test:
+            return self.cache
+        if "_test_cache" not in self.__dict__:
+            self._test_cache = self._image_cache(test=True)
+        return self._test_cache
 
     def _dataset(self, rows: np.ndarray, train: bool, test: bool = False) -> ImageDataset:
         size, interp = self.dc["size"], self.dc["interpolation"]
         aug = self.job.cfg.augment
         transform = train_transform(aug.train, size, interp, aug.resize) if train else eval_transform(size, interp, aug.resize)
         table = self.job.test if test else self.job.table
-        cache = None
-        if self.cache is not None:
-            offset = len(self.job.table) if test else 0
-            cache = _Subset(self.cache, rows + offset)
+        cache = self._cache_for(test)
         targets = None if test else self.y[rows]
-        return ImageDataset(table[PATH].to_numpy()[rows], targets, transform, cache)
+        return ImageDataset(table[PATH].to_numpy()[rows], targets, transform,
+                            None if cache is None else _Subset(cache, rows), decode=(size, aug.resize))
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Evaluation batches: twice the training batch (no gradients or activations are kept)."""
+        return 2 * self.batch_size
 
     def _loader(self, dataset, sampler=None, batch_sampler=None, drop_last=False, persistent=False):
         """Pinned memory on CUDA; workers sized to the machine; ``persistent`` keeps them for every
-        epoch (the train loader, whose :class:`SeededSampler` carries each epoch's seed to them)."""
+        epoch (the train loader, whose :class:`SeededSampler` carries each epoch's seed to them).
+        Without a sampler it is an evaluation loader, of :attr:`eval_batch_size`."""
         kwargs = dict(num_workers=self.workers, pin_memory=self.rt.cuda, persistent_workers=persistent and self.workers > 0)
         if self.workers:
             kwargs.update(worker_init_fn=_seed_worker, prefetch_factor=4)
         if batch_sampler is not None:
             return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-        return torch.utils.data.DataLoader(dataset, batch_size=self.rank_batch_size if sampler is not None else self.batch_size,
+        return torch.utils.data.DataLoader(dataset, batch_size=self.rank_batch_size if sampler is not None else self.eval_batch_size,
                                            sampler=sampler, drop_last=drop_last, **kwargs)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -364,7 +394,7 @@ class FoldTrainer:
 
         head = self.model.get_classifier()
         if not isinstance(head, nn.Linear):
-            raise PipelineError(f"train.linear_probe needs a plain Linear head; {self.job.bcfg.name} has "
+            raise PipelineError(f"train.linear_probe needs a plain Linear head; {self.job.bcfg.slug} has "
                                 f"{type(head).__name__}. Set train.linear_probe=false")
         set_frozen(self.model, True)
         frozen_train_mode(self.model)
@@ -509,12 +539,23 @@ class FoldTrainer:
 
     # ------------------------------------------------------------------ predictions
     def _predict(self, model: nn.Module, rows: np.ndarray, test: bool = False, views=("identity",)):
-        """Logits per view for ``rows`` (sharded over DDP ranks and gathered back in order)."""
-        loader = self._loader(self._dataset(distributed.shard(rows), train=False, test=test))
-        return [distributed.gather_rows(v) for v in predict_logits(model, loader, self.rt, views)]
+        """Logits per view for ``rows`` (sharded over DDP ranks and gathered back in order), every
+        view of a batch in one forward pass of up to twice :attr:`eval_batch_size` images."""
+        logits = predict_logits(model, self._eval_loader(rows, test), self.rt, views,
+                                max_images=2 * self.eval_batch_size)
+        return [distributed.gather_rows(v) for v in logits]
+
+    def _eval_loader(self, rows: np.ndarray, test: bool):
+        """One evaluation loader per row set for the fold's lifetime: the validation rows are
+        predicted after every epoch, by the same (persistent) workers."""
+        loaders = self.__dict__.setdefault("_eval_loaders", {})
+        key = (test, np.asarray(rows).tobytes())
+        if key not in loaders:
+            loaders[key] = self._loader(self._dataset(distributed.shard(rows), train=False, test=test), persistent=True)
+        return loaders[key]
 
     def _desc(self, phase: str, epoch: int) -> str:
-        return f"{self.job.bcfg.name} fold {self.job.fold} {phase} epoch {epoch}"
+        return f"{self.job.bcfg.slug} fold {self.job.fold} {phase} epoch {epoch}"
 
     def _load_best(self) -> None:
         target = self.ema.module if self.ema is not None else self.model
@@ -537,6 +578,7 @@ class FoldTrainer:
         if self.job.test is not None:
             logits = self._predict(self.final_model, np.arange(len(self.job.test)), test=True, views=views)
             test = spec.predictions_frame(self.job.test[id_col], activate_mean(spec, logits), id_col)
+        self.__dict__.pop("_eval_loaders", None)  # the fold's last pass: its loader workers can go
         return oof, test
 
     @torch.no_grad()
@@ -608,7 +650,7 @@ class FoldTrainer:
         if not (frozen and unfrozen):
             return
         probe = frozen[-1]
-        if self.tcfg.keep == "best" and "frozen" in self.state["kept"]:
+        if self.tcfg.keep == "best" and self.state["kept"].endswith("(frozen)"):
             self.notes.append(f"fold {self.job.fold}: no unfrozen epoch beat the {head} on the validation rows "
                               f"({self.metric.name} {probe:.4f}); the {head} is kept")
         elif self.tcfg.keep != "best" and not self.metric.better(self.state["kept_score"], probe):
@@ -650,7 +692,10 @@ def train_fold(job: FoldJob) -> FoldResult:
     if job.out_dir is not None and distributed.is_main():
         artifacts.write_csv(job.out_dir / "oof.csv", result.oof)
         artifacts.write_json(job.out_dir / "kept.json", {"kept": result.kept, "keep": job.cfg.train.keep,
-                                                         "valid_score": result.best_score, "notes": result.notes})
+                                                         "valid_score": result.best_score, "notes": result.notes,
+                                                         # what `predict` needs besides the weights: classes,
+                                                         # and a regression fold's target scaling
+                                                         "spec": dataclasses.asdict(trainer.job.spec)})
         if result.test is not None:
             artifacts.write_csv(job.out_dir / "test.csv", result.test)
         artifacts.mark_done(_fold_outputs(job.out_dir, job.test is not None), job.digest)
@@ -682,11 +727,15 @@ def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:
             "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "fold": fold,
             "lr_schedule": LR_SCHEDULE}
     inputs = [paths.folds_csv, paths.sample_submission] + ([paths.train_csv] if paths.train_csv else [])
+    if bcfg.weights.startswith(PRETRAINED):  # a re-run of the pretrain stage retrains the folds
+        inputs.append(pretrained_file(bcfg.weights, paths.exp_dir))
+    if cfg.train.pseudo_labels:  # a changed pseudo-label set retrains the folds
+        inputs.append(Path(cfg.train.pseudo_labels))
     return artifacts.fingerprint(part, inputs)
 
 
 def fold_is_done(cfg: Config, bcfg: BackboneConfig, fold: int) -> bool:
-    fold_dir = Paths(cfg).fold_dir(bcfg.name, fold)
+    fold_dir = Paths(cfg).fold_dir(bcfg.slug, fold)
     return artifacts.is_up_to_date(_fold_outputs(fold_dir, True), fold_digest(cfg, bcfg, fold))
 
 
@@ -704,15 +753,15 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
     a tune study picked the LRs on ``tuned_folds``; ``cv_untuned`` is the mean over the other folds."""
     paths, id_col, metric = Paths(cfg), cfg.data.id_column, get_metric(cfg.metric, spec.task)
     n = cfg.folds.n_splits
-    oofs = [pd.read_csv(paths.fold_dir(bcfg.name, k) / "oof.csv", dtype={id_col: str}, keep_default_na=False)
+    oofs = [pd.read_csv(paths.fold_dir(bcfg.slug, k) / "oof.csv", dtype={id_col: str}, keep_default_na=False)
             for k in range(n)]  # keep_default_na=False: an id 'NA' is an id
     oof = pd.concat(oofs, ignore_index=True).set_index(id_col)
     ids = table[id_col].astype(str)
     if oof.index.duplicated().any() or set(oof.index) != set(ids):
-        raise PipelineError(f"fold OOF files of {bcfg.name} do not cover every train row exactly once; "
+        raise PipelineError(f"fold OOF files of {bcfg.slug} do not cover every train row exactly once; "
                             f"re-run `make train-folds ARGS=--force`")
     oof = oof.loc[ids].reset_index()
-    tests = [spec.predictions_from_frame(pd.read_csv(paths.fold_dir(bcfg.name, k) / "test.csv", dtype={id_col: str},
+    tests = [spec.predictions_from_frame(pd.read_csv(paths.fold_dir(bcfg.slug, k) / "test.csv", dtype={id_col: str},
                                                        keep_default_na=False))
              for k in range(n)]
     test_frame = spec.predictions_frame(test[id_col], np.mean(tests, axis=0), id_col)
@@ -725,22 +774,54 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
           "folds": [finite(v) for v in fold_scores], "oof": finite(score(metric, spec, y, preds)),
           "cv_mean": finite(np.nanmean(fold_scores)), "cv_std": finite(np.nanstd(fold_scores))}
     untouched = [s for k, s in enumerate(fold_scores) if k not in (tuned_folds or [])]
-    kept = [artifacts.read_json(paths.fold_dir(bcfg.name, k) / "kept.json")["kept"] for k in range(n)]
+    kept = [artifacts.read_json(paths.fold_dir(bcfg.slug, k) / "kept.json")["kept"] for k in range(n)]
     cv.update(tuned_folds=sorted(tuned_folds or []),
               cv_untuned=finite(np.nanmean(untouched)) if untouched else None,
               keep=cfg.train.keep, kept=kept,
               selection=("optimistic: each fold's epoch was picked on its own validation rows"
                          if cfg.train.keep == "best" and total_epochs(cfg.train) > 1 else
                          "none: the kept weights were fixed before the validation rows were scored"))
-    artifacts.write_csv(paths.oof_csv(bcfg.name), oof)
-    artifacts.write_csv(paths.test_csv(bcfg.name), test_frame)
-    artifacts.write_json(paths.cv_json(bcfg.name), cv)
+    artifacts.write_csv(paths.oof_csv(bcfg.slug), oof)
+    artifacts.write_csv(paths.test_csv(bcfg.slug), test_frame)
+    artifacts.write_json(paths.cv_json(bcfg.slug), cv)
+    return cv
+
+
+def aggregate_seed_mean(cfg: Config, group: str, members: list[BackboneConfig], spec: TaskSpec,
+                       table: pd.DataFrame) -> dict:
+    """A ``seeds:`` entry's model: the mean of its variants' ``oof.csv`` and ``test.csv`` under
+    ``runs/<exp>/<group>/``, scored like a backbone (no fitting: as honest as its members)."""
+    paths, id_col, metric = Paths(cfg), cfg.data.id_column, get_metric(cfg.metric, spec.task)
+    frames = [pd.read_csv(paths.oof_csv(m.slug), dtype={id_col: str}, keep_default_na=False) for m in members]
+    tests = [pd.read_csv(paths.test_csv(m.slug), dtype={id_col: str}, keep_default_na=False) for m in members]
+    oof = spec.predictions_frame(frames[0][id_col], np.mean([spec.predictions_from_frame(f) for f in frames], axis=0),
+                                 id_col)
+    oof.insert(1, "fold", frames[0]["fold"])
+    test = spec.predictions_frame(tests[0][id_col], np.mean([spec.predictions_from_frame(f) for f in tests], axis=0),
+                                  id_col)
+    folds, y, preds = oof["fold"].to_numpy(), spec.encode(table), spec.predictions_from_frame(oof)
+    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731  (JSON has no NaN)
+    fold_scores = [score(metric, spec, y[folds == k], preds[folds == k]) for k in range(cfg.folds.n_splits)]
+    member_cvs = [artifacts.read_json(paths.cv_json(m.slug)) for m in members]
+    tuned = sorted({k for cv in member_cvs for k in cv.get("tuned_folds", [])})
+    untouched = [s for k, s in enumerate(fold_scores) if k not in tuned]
+    cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better,
+          "folds": [finite(v) for v in fold_scores], "oof": finite(score(metric, spec, y, preds)),
+          "cv_mean": finite(np.nanmean(fold_scores)), "cv_std": finite(np.nanstd(fold_scores)),
+          "members": [m.slug for m in members], "tuned_folds": tuned,
+          "cv_untuned": finite(np.nanmean(untouched)) if untouched else None,
+          "keep": member_cvs[0].get("keep"), "selection": member_cvs[0].get("selection", "")}
+    if (table[id_col].astype(str).to_numpy() != oof[id_col].to_numpy(str)).any():
+        raise PipelineError(f"the OOF files of {group}'s seeds list other rows; re-run `make train-folds ARGS=--force`")
+    artifacts.write_csv(paths.oof_csv(group), oof)
+    artifacts.write_csv(paths.test_csv(group), test)
+    artifacts.write_json(paths.cv_json(group), cv)
     return cv
 
 
 def _summary(bcfg: BackboneConfig, fold: int, result: FoldResult, metric: str, seconds: float) -> str:
     epochs = len(result.history)
-    return (f"{bcfg.name} fold {fold}: kept {result.kept}, validation {metric} {result.best_score:.4f} "
+    return (f"{bcfg.slug} fold {fold}: kept {result.kept}, validation {metric} {result.best_score:.4f} "
             f"({epochs} epochs, {seconds:.0f} s)")
 
 
@@ -752,6 +833,7 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
     table = read_folds(cfg)
     spec = task_spec(cfg, table)
     test = read_test_table(cfg)
+    fit_table = with_pseudo_labels(cfg, spec, table)  # + train.pseudo_labels' rows, which only ever train
     get_metric(cfg.metric, spec.task)
     if fold is not None and not 0 <= fold < cfg.folds.n_splits:
         raise PipelineError(f"--fold {fold} is out of range; folds are 0..{cfg.folds.n_splits - 1}")
@@ -762,20 +844,22 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
                             "train.unfrozen.epochs yourself (train.time_budget_min=null)")
     for bcfg in backbones:  # fail before any training on a typo in a later backbone
         check_model_name(bcfg.name)
-        check_weights(bcfg, f"backbones[{cfg.backbones.index(bcfg)}].weights")
+        check_weights(bcfg, f"backbones[{cfg.backbones.index(bcfg)}].weights", paths.exp_dir)
     check_images_readable(table, cfg.data.id_column, paths.train_dir, verified_dir(cfg))  # before any write
     artifacts.check_writable(paths.exp_dir)
     artifacts.remove_stale_temps(paths.exp_dir, recursive=True)
     if main:  # everything is valid: the next train run (or fold process) skips decoding these images
         record_verified(table, verified_dir(cfg))
         record_verified(test, verified_dir(cfg))
-    for bcfg in backbones:
-        bcfg_cfg, source = apply_tuned(cfg, bcfg)
+    for entry in backbones:
+        bcfg_cfg, bcfg = cfg.variant(entry)
+        bcfg_cfg, source = apply_tuned(bcfg_cfg, bcfg)
         bcfg_cfg, plan = planned_config(bcfg_cfg, bcfg, spec, spec.encode(table), len(test), max(jobs, gpus))
-        bdir = paths.backbone_dir(bcfg.name)
+        bdir = paths.backbone_dir(bcfg.slug)
         if main:
             _write_resolved(bcfg_cfg, bcfg, source, bdir)
-        print(f"{bcfg.name}: LRs from {source['lr_source']} (frozen {bcfg_cfg.train.frozen.lr:.2e}, unfrozen "
+            tracking.begin_model(bcfg_cfg, bcfg)  # tracking.backend: the run, before any fold trains
+        print(f"{bcfg.slug}: LRs from {source['lr_source']} (frozen {bcfg_cfg.train.frozen.lr:.2e}, unfrozen "
               f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
         todo = [k for k in ([fold] if fold is not None else range(cfg.folds.n_splits))
                 if force or not fold_is_done(bcfg_cfg, bcfg, k)]
@@ -784,15 +868,22 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
             _train_parallel(bcfg, todo, n_jobs, bdir / "config.yaml", force)
         else:
             for k in todo:  # a fold that another run is training is skipped (pipeline.locks)
-                with locks.hold(paths.fold_dir(bcfg.name, k), f"fold {k} of {bcfg.name}", "is being trained") as held:
+                with locks.hold(paths.fold_dir(bcfg.slug, k), f"fold {k} of {bcfg.slug}", "is being trained") as held:
                     if held and (force or not fold_is_done(bcfg_cfg, bcfg, k)):  # done by it meanwhile: skip
-                        _train_one(bcfg_cfg, bcfg, spec, table, test, k)
+                        _train_one(bcfg_cfg, bcfg, spec, fit_table, test, k)
                 distributed.barrier()
         if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
             tuned_folds = list(cfg.tune.folds) if "tuned" in source else []
             cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test, tuned_folds)
-            print(f"{bcfg.name}: CV {cv['metric']} {_fmt(cv['cv_mean'])} +- {_fmt(cv['cv_std'])}, OOF {_fmt(cv['oof'])} "
-                  f"-> {paths.cv_json(bcfg.name)}\n  {honesty_note(cv)}")
+            tracking.end_model(bcfg_cfg, bcfg, cv)
+            print(f"{bcfg.slug}: CV {cv['metric']} {_fmt(cv['cv_mean'])} +- {_fmt(cv['cv_std'])}, OOF {_fmt(cv['oof'])} "
+                  f"-> {paths.cv_json(bcfg.slug)}\n  {honesty_note(cv)}")
+    for group, members in cfg.seed_groups().items():  # not in a --fold child: its config holds one variant
+        if (main and fold is None and any(m in backbones for m in members)
+                and all(paths.cv_json(m.slug).exists() for m in members)):
+            cv = aggregate_seed_mean(cfg, group, members, spec, table)
+            print(f"{group}: mean of seeds {', '.join(m.slug for m in members)}: CV {cv['metric']} "
+                  f"{_fmt(cv['cv_mean'])} +- {_fmt(cv['cv_std'])}, OOF {_fmt(cv['oof'])} -> {paths.cv_json(group)}")
     return paths.exp_dir
 
 
@@ -825,13 +916,14 @@ def _write_resolved(cfg: Config, bcfg: BackboneConfig, source: dict, bdir: Path)
 
 def _train_one(cfg: Config, bcfg: BackboneConfig, spec, table, test, k: int) -> FoldResult:
     paths = Paths(cfg)
-    fold_dir = paths.fold_dir(bcfg.name, k)
+    fold_dir = paths.fold_dir(bcfg.slug, k)
     if distributed.is_main():
         artifacts.write_text(fold_dir / "config.yaml", dump_config(cfg.replace(backbones=[bcfg])))
     start = time.perf_counter()
     job = FoldJob(cfg, bcfg, spec, table, k, test, fold_dir, fold_digest(cfg, bcfg, k),
-                  feature_cache_dir=paths.feature_cache_dir(bcfg.name))
+                  feature_cache_dir=paths.feature_cache_dir(bcfg.slug))
     result = train_fold(job)
+    tracking.log_fold(cfg, bcfg, k, result.history)
     for note in result.notes:
         print(note)
     print(_summary(bcfg, k, result, cfg.metric, time.perf_counter() - start))
@@ -850,12 +942,12 @@ def _train_parallel(bcfg: BackboneConfig, folds: list[int], jobs: int, config_pa
             env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
         else:
             env["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))
-        cmd = [sys.executable, "-m", "pipeline", "train", "-c", str(config_path), "--backbone", bcfg.name,
+        cmd = [sys.executable, "-m", "pipeline", "train", "-c", str(config_path), "--backbone", bcfg.slug,
                "--fold", str(k), "train.use_tuned=false"] + (["--force"] if force else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         return k, proc.returncode, (proc.stdout + proc.stderr)[-2000:]
 
-    print(f"{bcfg.name}: training folds {folds} in {jobs} parallel processes")
+    print(f"{bcfg.slug}: training folds {folds} in {jobs} parallel processes")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(launch, [(i % jobs, k) for i, k in enumerate(folds)]))
     failed = [(k, out) for k, rc, out in results if rc != 0]

@@ -231,7 +231,7 @@ def study_name(cfg: Config, bcfg: BackboneConfig) -> str:
 def storage_url(cfg: Config, bcfg: BackboneConfig) -> str:
     if cfg.tune.storage:
         return cfg.tune.storage
-    return f"sqlite:///{(Paths(cfg).tune_dir(bcfg.name) / 'study.db').resolve()}"
+    return f"sqlite:///{(Paths(cfg).tune_dir(bcfg.slug) / 'study.db').resolve()}"
 
 
 def shown_url(url: str) -> str:
@@ -333,7 +333,7 @@ class Objective:
         self.space = search_space(cfg, budget)
         self.metric = get_metric(cfg.metric, spec.task)
         self.per_fold = cfg.tune.pruner == "wilcoxon"  # one value per fold, step = fold
-        self.feature_cache_dir = Paths(cfg).feature_cache_dir(bcfg.name)
+        self.feature_cache_dir = Paths(cfg).feature_cache_dir(bcfg.slug)
         self.epochs_run = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -474,11 +474,12 @@ def run_tune(cfg: Config, backbone: str | None = None, workers: int = 1, force: 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        for bcfg in backbones:
-            TuneRun(cfg, bcfg, spec, table, metric, budget, worker).run(workers, force)
+        for entry in backbones:
+            vcfg, bcfg = cfg.variant(entry)
+            TuneRun(vcfg, bcfg, spec, table, metric, tune_budget(vcfg), worker).run(workers, force)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return paths.tune_dir(backbones[-1].name)
+    return paths.tune_dir(backbones[-1].slug)
 
 
 class TuneRun:
@@ -489,7 +490,7 @@ class TuneRun:
         self.cfg, self.bcfg, self.spec, self.table, self.metric, self.budget = cfg, bcfg, spec, table, metric, budget
         self.worker = worker
         self.paths = Paths(cfg)
-        self.dir = self.paths.tune_dir(bcfg.name)
+        self.dir = self.paths.tune_dir(bcfg.slug)
         self.url = storage_url(cfg, bcfg)
         self.name = study_name(cfg, bcfg)
         self.target = cfg.tune.trials
@@ -502,7 +503,7 @@ class TuneRun:
         if force and not self.worker:
             try:
                 optuna.delete_study(study_name=self.name, storage=storage)
-                print(f"tune {self.bcfg.name}: --force: deleted study {self.name}")
+                print(f"tune {self.bcfg.slug}: --force: deleted study {self.name}")
             except KeyError:
                 pass
             for name in REPORT_FILES:
@@ -540,7 +541,7 @@ class TuneRun:
             return
         if finished >= self.target:
             if self._report_is_current(study):
-                print(f"tune {self.bcfg.name}: study {self.name} has {finished} finished trials (tune.trials is "
+                print(f"tune {self.bcfg.slug}: study {self.name} has {finished} finished trials (tune.trials is "
                       f"{self.target}) and best.json is up to date; skipped (--force to start over)")
                 return
         else:
@@ -561,7 +562,7 @@ class TuneRun:
         objective = Objective(self.cfg, self.bcfg, self.spec, self.table, self.budget, self.target)
         guard = FailureGuard()
         callbacks = [MaxTrialsCallback(self.target, states=FINISHED + (TrialState.RUNNING,)), guard]
-        bar = ProgressBar(study, self.target, self.bcfg.name) if progress else None
+        bar = ProgressBar(study, self.target, self.bcfg.slug) if progress else None
         if bar is not None:
             callbacks.append(bar)
         try:
@@ -571,12 +572,12 @@ class TuneRun:
             if bar is not None:
                 bar.close()
         if guard.tripped:
-            raise PipelineError(f"tune {self.bcfg.name}: {guard.in_a_row} trials in a row failed; the last error: "
+            raise PipelineError(f"tune {self.bcfg.slug}: {guard.in_a_row} trials in a row failed; the last error: "
                                 f"{guard.last_error}. Finished trials are kept in {shown_url(self.url)}; fix the "
                                 f"cause and re-run `make tune`")
         left = self.target - count(study, FINISHED)
         if left > 0 and self.cfg.tune.timeout is not None:
-            print(f"tune {self.bcfg.name}: tune.timeout ({self.cfg.tune.timeout:g} s) reached with {left} trials "
+            print(f"tune {self.bcfg.slug}: tune.timeout ({self.cfg.tune.timeout:g} s) reached with {left} trials "
                   f"to go; re-run `make tune` to continue the study")
 
     def _optimize_with_workers(self, study: optuna.Study, workers: int) -> None:
@@ -600,7 +601,7 @@ class TuneRun:
         if failed:
             i, log = failed[0]
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-            raise PipelineError(f"tune {self.bcfg.name}: {len(failed)} of {workers - 1} worker processes failed; "
+            raise PipelineError(f"tune {self.bcfg.slug}: {len(failed)} of {workers - 1} worker processes failed; "
                                 f"worker {i} ({log}) ended with:\n{tail}")
 
     def _spawn(self, index: int, workers: int, threads: int):
@@ -610,7 +611,7 @@ class TuneRun:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "pipeline", "tune", "-c", str(self.dir / "config.yaml"),
-               "--backbone", self.bcfg.name, "--workers", "1"]
+               "--backbone", self.bcfg.slug, "--workers", "1"]
         log = self.dir / f"worker{index}.log"
         with open(log, "w") as out:  # the child keeps its own handle
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -623,7 +624,7 @@ class TuneRun:
             pid = trial.user_attrs.get("pid")
             if trial.user_attrs.get("host") == host and pid is not None and not _alive(pid):
                 study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-                print(f"tune {self.bcfg.name}: trial {trial.number} was left running by a killed process; marked failed")
+                print(f"tune {self.bcfg.slug}: trial {trial.number} was left running by a killed process; marked failed")
 
     def _enqueue_config_params(self, study: optuna.Study) -> None:
         own = config_params(self.cfg)
@@ -634,14 +635,14 @@ class TuneRun:
     def _print_plan(self, study: optuna.Study, finished: int, workers: int) -> None:
         b = self.budget
         bounds = ", ".join(f"{k} [{lo:.1e}, {hi:.1e}]" for k, (lo, hi) in self.space.items())
-        print(f"tune {self.bcfg.name}: study {self.name} in {shown_url(self.url)}: {finished} of {self.target} trials "
+        print(f"tune {self.bcfg.slug}: study {self.name} in {shown_url(self.url)}: {finished} of {self.target} trials "
               f"finished; {workers} worker(s), sampler {self.cfg.tune.sampler}, pruner {self.cfg.tune.pruner}")
         print(f"  each trial: folds {list(b.folds)} x ({b.frozen_epochs} frozen + {b.unfrozen_epochs} unfrozen "
               f"epochs), {self.metric.name} ({'higher' if self.metric.greater_is_better else 'lower'} is better); "
               f"log-uniform {bounds}")
 
     def _lr_find_hint(self) -> None:
-        path = self.paths.lr_find_dir(self.bcfg.name) / "suggestion.json"
+        path = self.paths.lr_find_dir(self.bcfg.slug) / "suggestion.json"
         if not path.exists():
             return
         suggestion = artifacts.read_json(path)
@@ -656,7 +657,7 @@ class TuneRun:
 
     # ------------------------------------------------------------------ the report
     def _report_is_current(self, study: optuna.Study) -> bool:
-        path = self.paths.tuned_params(self.bcfg.name)
+        path = self.paths.tuned_params(self.bcfg.slug)
         if not path.exists():
             return False
         best = artifacts.read_json(path)
@@ -673,7 +674,7 @@ class TuneRun:
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         pruned = [t for t in trials if t.state == TrialState.PRUNED]
         if not complete:
-            raise PipelineError(f"tune {self.bcfg.name}: no trial of study {self.name} completed ({len(pruned)} pruned, "
+            raise PipelineError(f"tune {self.bcfg.slug}: no trial of study {self.name} completed ({len(pruned)} pruned, "
                                 f"{sum(t.state == TrialState.FAIL for t in trials)} failed); see {self.dir / 'trials.csv'}. "
                                 f"Widen the tune.* bounds, raise tune.trials or set tune.pruner=none")
         best = study.best_trial
@@ -689,15 +690,15 @@ class TuneRun:
         if baseline:
             result["config_params"] = {"trial": baseline[0].number, "params": baseline[0].params,
                                        "value": baseline[0].value}
-        artifacts.write_json(self.paths.tuned_params(self.bcfg.name), result)
+        artifacts.write_json(self.paths.tuned_params(self.bcfg.slug), result)
         self._print_summary(result)
         write_plots(study, self.dir, list(self.space), self.metric.name)
         return result
 
     def _print_summary(self, result: dict) -> None:
         params = ", ".join(f"{k} {v:.3g}" for k, v in result["params"].items())
-        print(f"tune {self.bcfg.name}: best {result['metric']} {result['value']:.4f} (trial {result['best_trial']}: "
-              f"{params}) -> {self.paths.tuned_params(self.bcfg.name)}")
+        print(f"tune {self.bcfg.slug}: best {result['metric']} {result['value']:.4f} (trial {result['best_trial']}: "
+              f"{params}) -> {self.paths.tuned_params(self.bcfg.slug)}")
         if "config_params" in result:
             print(f"  the config's own LRs (trial {result['config_params']['trial']}) scored "
                   f"{result['config_params']['value']:.4f} on the same budget")

@@ -185,7 +185,7 @@ def _swapped_models():
 
 @pytest.mark.parametrize("method", ["weighted", "hill_climb", "stacking"])
 def test_nested_cv_never_fits_on_the_scored_fold(method, plain_cfg):
-    _, _, cv = run_method(method, _swapped_models(), plain_cfg)
+    _, _, cv, _ = run_method(method, _swapped_models(), plain_cfg)
     assert cv["nested_folds"] == [0.0, 0.0]  # leaking the fold's labels would give 1.0
     assert cv["nested_cv"] == 0.0
 
@@ -216,13 +216,13 @@ def test_nested_fits_see_exactly_the_other_folds(method, plain_cfg, monkeypatch)
 def test_unlearned_methods_report_cv_mean_as_nested(plain_cfg):
     inputs = _swapped_models()
     for method in ("mean", "rank"):
-        _, _, cv = run_method(method, inputs, plain_cfg)
+        _, _, cv, _ = run_method(method, inputs, plain_cfg)
         assert cv["nested_cv"] == pytest.approx(cv["cv_mean"])
         assert cv["oof_in_sample"] is False
 
 
 def test_stacking_oof_is_cross_fitted(plain_cfg):
-    oof, _, cv = run_method("stacking", _swapped_models(), plain_cfg)
+    oof, _, cv, _ = run_method("stacking", _swapped_models(), plain_cfg)
     assert cv["oof"] == 0.0 and cv["oof_in_sample"] is False  # no meta-model saw its own fold
 
 
