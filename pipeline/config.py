@@ -517,11 +517,29 @@ def _build(cls, data: dict, key: str = ""):
         raise PipelineError(f"unknown config key '{where}'; valid keys{' in ' + key if key else ''}: "
                             f"{', '.join(fields)}")
     hints = typing.get_type_hints(cls)
+    data = {name: _with_section_defaults(fields[name], value) for name, value in data.items()}
     kwargs = {name: _coerce(value, hints[name], f"{key}.{name}" if key else name) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required key is missing
         raise PipelineError(f"config section '{key or 'top level'}': {exc}") from None
+
+
+def _with_section_defaults(f: dataclasses.Field, value: Any) -> Any:
+    """A partly given section keeps its own defaults for the keys not given: ``train: {unfrozen:
+    {epochs: 5}}`` is the default unfrozen phase (its LR, multiplier, warmup) with 5 epochs, not a
+    bare ``PhaseConfig`` with the generic defaults of every phase."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    base = {k: v for k, v in dataclasses.asdict(default).items() if k in value or not _is_section(default, k)}
+    return _merge(base, value, f.name) if value else base
+
+
+def _is_section(obj: Any, name: str) -> bool:
+    return dataclasses.is_dataclass(getattr(obj, name, None))
 
 
 def apply_override(raw: dict, word: str) -> None:

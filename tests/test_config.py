@@ -235,3 +235,13 @@ def test_cli_bad_override_syntax_exits_2(capsys):
     code = main(["folds", "-c", str(DEMO_CONFIG), "folds.n_splits"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "key.sub=value" in err
+
+
+def test_a_partly_given_section_keeps_its_own_defaults():
+    """`train: {unfrozen: {epochs: 5}}` changes the epochs of the documented unfrozen phase (LR 1e-4,
+    backbone x1, warmup 0.5), not every key to a generic phase's defaults."""
+    default = config_from_dict({"name": "x"}).train
+    for cfg in (config_from_dict({"name": "x", "train": {"unfrozen": {"epochs": 5}}}),
+                config_from_dict({"name": "x"}, ["train.unfrozen.epochs=5"])):
+        assert cfg.train.unfrozen == dataclasses.replace(default.unfrozen, epochs=5)
+        assert cfg.train.frozen == default.frozen
