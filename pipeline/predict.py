@@ -113,7 +113,8 @@ class FoldCheckpoint:
         dc = data_config(model, self.bcfg)
         runtime = Runtime.create(train, dc["mean"], dc["std"])
         runtime.prepare_model(model)
-        dataset = ImageDataset(image_paths, None, eval_transform(dc["size"], dc["interpolation"], aug.resize))
+        dataset = ImageDataset(image_paths, None, eval_transform(dc["size"], dc["interpolation"], aug.resize),
+                               decode=(dc["size"], aug.resize))  # as train's predictions read them
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.bcfg.batch_size or train.batch_size,
                                              num_workers=default_workers(runtime, train.num_workers),
                                              pin_memory=runtime.cuda)
