@@ -48,7 +48,7 @@ from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import precision_recall_curve
 
-from pipeline import artifacts, locks, postprocess
+from pipeline import artifacts, locks, postprocess, tracking
 from pipeline.config import Config
 from pipeline.data import read_csv, read_folds, require_columns, task_spec
 from pipeline.errors import PipelineError, first_few
@@ -566,6 +566,7 @@ def run_ensemble(cfg: Config, force: bool = False) -> Path:
         if cfg.submission.per_backbone:
             write_backbone_submissions(cfg, inputs)
         artifacts.mark_done(outputs, digest)
+    tracking.log_ensemble(cfg)  # tracking.backend: a run per method, with its submission
     print(_summary(inputs, results))
     print(f"ensemble: wrote {paths.ensemble_dir} and submissions in {paths.submissions_dir}")
     return paths.ensemble_dir

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import artifacts
+from pipeline import artifacts, tracking
 from pipeline.config import Config
 from pipeline.errors import PipelineError, first_few
 from pipeline.metrics import get_metric
 from pipeline.paths import Paths
 
 COLUMNS = ["experiment", "model", "kind", "metric", "score", "cv_mean", "cv_std", "oof", "nested_cv", "cv_untuned",
-           "honesty", "public_lb", "submission", "created_at", "lrs"]
+           "honesty", "public_lb", "submission", "created_at", "lrs", "run_id"]
 LOG_COLUMNS = ["created_at", "experiment", "competition", "file", "message", "status", "public_lb", "private_lb"]
 LOG_SCORES = ("public_lb", "private_lb")
 
@@ -150,7 +150,8 @@ def collect(cfg: Config) -> tuple[pd.DataFrame, dict[str, list[float]], dict[str
                      "public_lb": public_score(log, submission),
                      "submission": str(submission) if submission.exists() else "",
                      "created_at": _created_at(cv, cv_path),
-                     "lrs": lr_note(cv_path.parent) if kind == "backbone" else ""})
+                     "lrs": lr_note(cv_path.parent) if kind == "backbone" else "",
+                     "run_id": tracking.run_id_for(cfg, model) or ""})  # tracking.backend's run
         folds[model], oofs[model] = cv["folds"], oof
     if not rows:
         raise PipelineError(f"no cv.json for experiment '{cfg.name}' under {Paths(cfg).exp_dir}; "

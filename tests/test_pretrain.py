@@ -119,3 +119,11 @@ def test_pretrain_config_errors_name_the_key(make_config):
         make_config("pretrain.train={unfrozn: {epochs: 1}}")
     with pytest.raises(PipelineError, match="pretrain.holdout"):
         make_config("pretrain.holdout=0.9")
+
+
+def test_a_checkpoint_of_another_experiment_is_named_exp_slash_id():
+    from pathlib import Path
+
+    from pipeline.backbones import pretrained_file
+    assert pretrained_file("pretrained:x", Path("runs/exp")) == Path("runs/exp/x/pretrained.safetensors")
+    assert pretrained_file("pretrained:other/x", Path("runs/exp")) == Path("runs/other/x/pretrained.safetensors")

@@ -2,12 +2,14 @@
 TensorBoard event files; ``none`` writes nothing."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from pipeline import tracking
 from pipeline.ensemble import run_ensemble
 from pipeline.errors import PipelineError
 from pipeline.folds import run_folds
+from pipeline.leaderboard import run_leaderboard
 from pipeline.paths import Paths
 from pipeline.train import run_train
 
@@ -26,8 +28,7 @@ def test_an_mlflow_run_is_written_and_read_back(make_config, one_torch_thread):
 
     cfg = make_config(*TINY, "tracking.backend=mlflow")
     bcfg = _train(cfg)
-    run_ensemble(cfg)
-    tracking.log_ensemble(cfg)  # the ensemble stage's hook
+    run_ensemble(cfg)  # its hook logs a run per method
     client = MlflowClient(tracking_uri=tracking.default_uri(cfg))
     assert tracking.default_uri(cfg).endswith("mlruns/mlflow.db")
     run_id = tracking.run_id_for(cfg, bcfg.slug)
@@ -49,6 +50,8 @@ def test_an_mlflow_run_is_written_and_read_back(make_config, one_torch_thread):
     ensemble_run = client.get_run(tracking.run_id_for(cfg, "mean"))
     assert "nested_cv" in ensemble_run.data.metrics
     assert f"{cfg.name}-mean.csv" in {a.path for a in client.list_artifacts(ensemble_run.info.run_id)}
+    board = pd.read_csv(run_leaderboard(cfg)).set_index("model")
+    assert board.loc[bcfg.slug, "run_id"] == run_id and board.loc["mean", "run_id"] == ensemble_run.info.run_id
 
     # a re-run of the same config continues the run; a fold that was not logged is added from disk
     client.delete_run(children[1].info.run_id)
