@@ -113,8 +113,8 @@ def check_source(cfg: Config, source: str) -> str:
     if source in models:
         return "model"
     valid = [m for m in methods if m not in PROBABILITY_FREE] + models
-    why = (f"its outputs are ranks, not probabilities" if source in PROBABILITY_FREE
-           else f"it is neither an ensemble method (ensemble.methods) nor a model id (backbones[].id)")
+    why = ("its outputs are ranks, not probabilities" if source in PROBABILITY_FREE
+           else "it is neither an ensemble method (ensemble.methods) nor a model id (backbones[].id)")
     raise PipelineError(f"--from '{source}' cannot label experiment '{cfg.name}': {why}; valid: {', '.join(valid)}")
 
 
