@@ -10,6 +10,10 @@ goal; the table (with the command and machine) is written to BENCHMARKS.md.
 * frozen phase, all folds on cached features / one bare forward pass over the same images, and
   the same phase through the model / with the cache;
 * peak resident memory of a training process, and the image cache's size.
+
+The rows through the real input path (JPEG files and a fold's own loaders: ``--sections input``,
+also run by ``speed``), one fold timed step by step (``timeline``) and absolute GPU speeds
+(``gpu``) are in :mod:`pipeline.bench_input`.
 """
 from __future__ import annotations
 
@@ -270,7 +274,8 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
     gc.collect()
     views = ["identity", "hflip"]
     r = bench_inference(cfg, name, size, batch, steps, repeats, views)
-    rows.append(("inference with TTA, synthetic batches: pipeline x views / bare fwd", r["pipeline_img_s"] * r["views"] / r["bare_img_s"],
+    rows.append(("inference with TTA, synthetic batches: pipeline x views / bare fwd",
+                 r["pipeline_img_s"] * r["views"] / r["bare_img_s"],
                  ">= 0.9", f"{r['pipeline_img_s']:.0f} img/s x {r['views']} views vs {r['bare_img_s']:.0f} img/s",
                  f"{name} {size}px batch {batch}"))
     gc.collect()

@@ -253,7 +253,7 @@ def _probe_accuracy(cfg: Config, size: int) -> dict:
             ds = ImageDataset(frame[PATH], transform=eval_transform(size, dc["interpolation"], cfg.augment.resize),
                               decode=decode)
             feats.append(compute_features(model, torch.utils.data.DataLoader(ds, batch_size=64), rt).cpu())
-        y = torch.as_tensor(spec.encode(train))
+        y = torch.tensor(np.array(spec.encode(train)))
         weight, bias, _ = fit_linear_probe(spec, make_loss(spec, cfg.train), feats[0], y, seed=0)
         pred = (feats[1] @ weight.detach().T + bias.detach()).argmax(1).numpy()
         out[f"{name}_accuracy"] = float(np.mean(pred == spec.encode(test)))
@@ -305,7 +305,7 @@ def input_rows(cfg: Config, quick: bool, bench_dir: Path) -> list[tuple]:
             goal = ">= 3" if cache else "-"
             out.append((f"train loader alone / bare model step, images/s ({label}, cache {'on' if cache else 'off'})",
                         rates[0] / bare_rate, goal,
-                        " / ".join(f"{rates[w]:.0f}" for w in sorted(rates)) + f" img/s with "
+                        " / ".join(f"{rates[w]:.0f}" for w in sorted(rates)) + " img/s with "
                         + " / ".join(map(str, sorted(rates))) + f" workers vs {bare_rate:.1f} img/s",
                         f"measured: 0 workers (the default on {all_workers} cores); augment.train of the config, "
                         f"{size}px"))

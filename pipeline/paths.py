@@ -42,6 +42,11 @@ class Paths:
     def exp_dir(self) -> Path:
         return Path(self.cfg.runs_dir) / self.cfg.name
 
+    @property
+    def image_cache_dir(self) -> Path:
+        """Decoded, resized images (train.cache_images), shared by every model, fold and process."""
+        return self.exp_dir / "cache"
+
     def backbone_dir(self, backbone: str) -> Path:
         return self.exp_dir / backbone.replace("/", "_")
 

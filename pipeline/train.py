@@ -37,7 +37,7 @@ from pipeline.data import (PATH, ImageDataset, SeededSampler, check_images_reada
                            record_verified, task_spec, verified_dir)
 from pipeline.errors import PipelineError
 from pipeline.features import cached_features, compute_features
-from pipeline.fit import (LR_SCHEDULE, NonFiniteLoss, Runtime, Stepper, activate_mean, build_optimizer, build_scheduler,
+from pipeline.fit import (LR_SCHEDULE, PROCESSES_ENV, NonFiniteLoss, Runtime, Stepper, activate_mean, build_optimizer, build_scheduler,
                           default_workers, group_lrs, make_loss, predict_logits, run_batches, score, seed_everything)
 from pipeline.metrics import get_metric
 from pipeline.paths import Paths
@@ -205,7 +205,7 @@ class FoldTrainer:
             return None
         table = self.job.test if test else self.job.table
         size, interp, resize = self.dc["size"], self.dc["interpolation"], self.job.cfg.augment.resize
-        path = ImageCache.file_for(Paths(self.job.cfg).exp_dir / "cache", table[PATH], size, interp, resize)
+        path = ImageCache.file_for(Paths(self.job.cfg).image_cache_dir, table[PATH], size, interp, resize)
         if not path.exists() and not ImageCache.fits_on_disk(path, len(table), size):
             print(f"image cache: {len(table)} images at {size}px would take "
                   f"{ImageCache.bytes_needed(len(table), size) / 2**30:.1f} GiB, over half the free space "
@@ -944,6 +944,7 @@ def _train_parallel(bcfg: BackboneConfig, folds: list[int], jobs: int, config_pa
             env["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))
         cmd = [sys.executable, "-m", "pipeline", "train", "-c", str(config_path), "--backbone", bcfg.slug,
                "--fold", str(k), "train.use_tuned=false"] + (["--force"] if force else [])
+        env[PROCESSES_ENV] = str(jobs)  # each fold process sizes its loader workers to its CPU share
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         return k, proc.returncode, (proc.stdout + proc.stderr)[-2000:]
 

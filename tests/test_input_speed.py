@@ -3,6 +3,11 @@ views, the GPU settings (CUDA mocked), bundled weights mapped once, and the inpu
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -197,7 +202,8 @@ def test_fused_adamw_only_where_every_parameter_is_on_cuda():
 
 @pytest.mark.parametrize("cuda, cpus, env, expected", [
     (True, 16, {}, 15), (True, 16, {"PIPELINE_PROCESSES": "4"}, 3), (True, 16, {"LOCAL_WORLD_SIZE": "8"}, 1),
-    (True, 64, {}, 63), (True, 2, {}, 1), (False, 2, {}, 0), (False, 16, {}, 4), (False, 16, {"PIPELINE_PROCESSES": "4"}, 2),
+    (True, 64, {}, 63), (True, 2, {}, 1), (False, 2, {}, 0), (False, 16, {}, 4),
+    (False, 16, {"PIPELINE_PROCESSES": "4"}, 2),
 ])
 def test_loader_workers_are_this_process_share_of_the_cores(monkeypatch, cuda, cpus, env, expected):
     monkeypatch.setattr(fit.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
@@ -263,3 +269,25 @@ def test_the_gpu_section_says_there_is_no_gpu_and_writes_nothing(make_config, tm
     out = run_bench(make_config(*FAST), output=str(tmp_path / "BENCHMARKS.md"), sections=("gpu",))
     assert "no GPU found" in capsys.readouterr().out
     assert not out.exists()
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed next to this Python")
+def test_ddp_ranks_share_one_cache_file(make_config, tmp_path):
+    """Under torchrun rank 0 builds each cache file while the other ranks wait at the lock and a
+    barrier, then every rank maps it: the run completes with one file per image set."""
+    from pipeline.config import dump_config
+
+    cfg = make_config(*FAST, "train.cache_images=true", "train.unfrozen.epochs=1", f"runs_dir={tmp_path / 'runs'}")
+    run_folds(cfg)
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(dump_config(cfg))
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train", "-c",
+                           str(config_path), "--fold", "0"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list((Paths(cfg).exp_dir / "cache").glob("images-*.npy"))) == 2  # train and test
+    assert proc.stdout.count("decoded once") == 2  # by rank 0 only
+    oof = pd.read_csv(Paths(cfg).fold_dir(cfg.backbones[0].slug, 0) / "oof.csv")
+    assert len(oof) == (read_folds(cfg)["fold"] == 0).sum()
