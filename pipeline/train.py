@@ -37,8 +37,9 @@ from pipeline.data import (PATH, ImageDataset, SeededSampler, check_images_reada
                            record_verified, task_spec, verified_dir)
 from pipeline.errors import PipelineError
 from pipeline.features import cached_features, compute_features
-from pipeline.fit import (LR_SCHEDULE, PROCESSES_ENV, NonFiniteLoss, Runtime, Stepper, activate_mean, build_optimizer, build_scheduler,
-                          default_workers, group_lrs, make_loss, predict_logits, run_batches, score, seed_everything)
+from pipeline.fit import (LR_SCHEDULE, PROCESSES_ENV, NonFiniteLoss, Runtime, Stepper, activate_mean, build_optimizer,
+                          build_scheduler, default_workers, group_lrs, make_loss, predict_logits, run_batches, score,
+                          seed_everything)
 from pipeline.metrics import get_metric
 from pipeline.paths import Paths
 from pipeline.pseudo import with_pseudo_labels
