@@ -118,7 +118,9 @@ class FoldCheckpoint:
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.bcfg.batch_size or train.batch_size,
                                              num_workers=default_workers(runtime, train.num_workers),
                                              pin_memory=runtime.cuda)
-        return activate_mean(self.spec, predict_logits(model, loader, runtime, aug.tta))
+        batch = self.bcfg.batch_size or train.batch_size
+        return activate_mean(self.spec, predict_logits(model, loader, runtime, aug.tta,
+                                                       max_images=None if runtime.cuda else batch))
 
 
 def predict_model(cfg: Config, model_id: str, image_paths: list[str]) -> tuple[np.ndarray, TaskSpec]:
