@@ -534,12 +534,7 @@ def _with_section_defaults(f: dataclasses.Field, value: Any) -> Any:
     default = f.default_factory()
     if not dataclasses.is_dataclass(default):
         return value
-    base = {k: v for k, v in dataclasses.asdict(default).items() if k in value or not _is_section(default, k)}
-    return _merge(base, value, f.name) if value else base
-
-
-def _is_section(obj: Any, name: str) -> bool:
-    return dataclasses.is_dataclass(getattr(obj, name, None))
+    return _merge(dataclasses.asdict(default), value, f.name)
 
 
 def apply_override(raw: dict, word: str) -> None:
