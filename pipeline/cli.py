@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError, os_error_message
+from pipeline.core.errors import PipelineError, os_error_message
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -98,55 +98,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pseudo_experiment(cfg, source: str, threshold: float = 0.95, name: str | None = None,
+                      force: bool = False) -> Path:
+    """``pseudo --train``: the pseudo-labelled experiment written, trained, ensembled and ranked
+    beside its source; prints each model's CV change. Returns the new config's path."""
+    from pipeline.config.schema import load_config
+    from pipeline.stages.ensemble import run_ensemble
+    from pipeline.stages.leaderboard import run_leaderboard
+    from pipeline.stages.pseudo import cv_changes, run_pseudo
+    from pipeline.stages.train import run_train
+
+    config_path = run_pseudo(cfg, source, threshold=threshold, name=name, train=True)
+    new_cfg = load_config(config_path)
+    run_train(new_cfg, force=force)
+    run_ensemble(new_cfg, force=force)
+    run_leaderboard(cfg)  # both experiments' rows in submissions/leaderboard.csv
+    run_leaderboard(new_cfg)
+    print(cv_changes(cfg, new_cfg))
+    return config_path
+
+
+def lb_sync(cfg) -> Path:
+    """``lb-sync``: public scores into the submissions log, then the leaderboard rebuilt with them."""
+    from pipeline.stages.leaderboard import run_leaderboard
+    from pipeline.stages.submit import run_lb_sync
+
+    run_lb_sync(cfg)
+    return run_leaderboard(cfg)
+
+
 def run(args: argparse.Namespace) -> Path | None:
     if args.command == "demo-data":
-        from pipeline.demo_data import run_demo_data
+        from pipeline.stages.demo_data import run_demo_data
         return run_demo_data(args.root, force=args.force)
 
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
     cfg = load_config(args.config, args.overrides)
     if args.command == "folds":
-        from pipeline.folds import run_folds
+        from pipeline.stages.folds import run_folds
         return run_folds(cfg, force=args.force)
     if args.command == "train":
-        from pipeline.train import run_train
+        from pipeline.stages.train import run_train
         return run_train(cfg, backbone=args.backbone, fold=args.fold, jobs=args.jobs, force=args.force)
     if args.command == "pretrain":
-        from pipeline.pretrain import run_pretrain
+        from pipeline.stages.pretrain import run_pretrain
         return run_pretrain(cfg, backbone=args.backbone, force=args.force)
     if args.command == "lr-find":
-        from pipeline.lr_find import run_lr_find
+        from pipeline.stages.lr_find import run_lr_find
         return run_lr_find(cfg, backbone=args.backbone, force=args.force)
     if args.command == "tune":
-        from pipeline.tune import run_tune
+        from pipeline.stages.tune import run_tune
         return run_tune(cfg, backbone=args.backbone, workers=args.workers, force=args.force)
     if args.command == "ensemble":
-        from pipeline.ensemble import run_ensemble
+        from pipeline.stages.ensemble import run_ensemble
         return run_ensemble(cfg, force=args.force)
     if args.command == "predict":
-        from pipeline.predict import run_predict
+        from pipeline.stages.predict import run_predict
         return run_predict(cfg, test_dir=args.test_dir, sample=args.sample, method=args.ensemble, out=args.out)
     if args.command == "bundle":
-        from pipeline.bundle import run_bundle
+        from pipeline.stages.bundle import run_bundle
         return run_bundle(cfg, method=args.ensemble, fp16=args.fp16, out=args.out)
     if args.command == "pseudo":
-        from pipeline.pseudo import run_pseudo
-        return run_pseudo(cfg, args.source, threshold=args.threshold, name=args.name, train=args.train,
-                          force=args.force)
+        if args.train:
+            return pseudo_experiment(cfg, args.source, threshold=args.threshold, name=args.name, force=args.force)
+        from pipeline.stages.pseudo import run_pseudo
+        return run_pseudo(cfg, args.source, threshold=args.threshold, name=args.name)
     if args.command == "leaderboard":
-        from pipeline.leaderboard import run_leaderboard
+        from pipeline.stages.leaderboard import run_leaderboard
         return run_leaderboard(cfg)
     if args.command == "submit":
-        from pipeline.submit import run_submit
+        from pipeline.stages.submit import run_submit
         return run_submit(cfg, args.file, args.message)
     if args.command == "lb-sync":
-        from pipeline.submit import run_lb_sync
-        return run_lb_sync(cfg)
+        return lb_sync(cfg)
     if args.command == "score":
-        from pipeline.submit import run_score
+        from pipeline.stages.submit import run_score
         return run_score(cfg, args.file, args.solution)
     if args.command == "bench":
-        from pipeline.bench import run_bench
+        from pipeline.bench.report import run_bench
         return run_bench(cfg, quick=args.quick, output=args.output,
                          sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()))
     raise PipelineError(f"unknown command {args.command}")

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import artifacts, distributed
-from pipeline.config import BackboneConfig, Config
-from pipeline.errors import PipelineError
-from pipeline.paths import Paths
+from pipeline.config.paths import Paths
+from pipeline.config.schema import BackboneConfig, Config
+from pipeline.core import artifacts, distributed
+from pipeline.core.errors import PipelineError
 
 TRACKING_FILE = "tracking.json"
 MAX_PARAM_CHARS = 500  # MLflow's limit on a parameter value in older servers
@@ -49,7 +49,7 @@ def begin_model(cfg: Config, bcfg: BackboneConfig) -> str | None:
     config and the git state. A wrong URI or a missing package stops here, before any fold trains."""
     if cfg.tracking.backend == "none" or not distributed.is_main():
         return None
-    from pipeline.train import fold_digest  # train calls this module
+    from pipeline.training.fingerprint import fold_digest  # train calls this module
 
     record_path = Paths(cfg).backbone_dir(bcfg.slug) / TRACKING_FILE
     key = fold_digest(cfg, bcfg, 0)

@@ -33,7 +33,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.config import Config, config_from_dict
+from pipeline.config.schema import Config, config_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"

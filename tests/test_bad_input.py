@@ -20,15 +20,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import artifacts, cli
-from pipeline.config import config_from_dict, dump_config
-from pipeline.data import read_folds, read_test_table, read_train_table, task_spec
-from pipeline.errors import PipelineError, os_error_message
-from pipeline.folds import run_folds
-from pipeline.leaderboard import run_leaderboard
-from pipeline.paths import Paths
-from pipeline.submit import _best_cv
-from pipeline.train import FoldTrainer, run_train
+from pipeline.core import artifacts
+from pipeline import cli
+from pipeline.config.schema import config_from_dict, dump_config
+from pipeline.data.tables import read_folds, read_test_table, read_train_table, task_spec
+from pipeline.core.errors import PipelineError, os_error_message
+from pipeline.stages.folds import run_folds
+from pipeline.stages.leaderboard import run_leaderboard
+from pipeline.config.paths import Paths
+from pipeline.stages.submit import _best_cv
+from pipeline.training.trainer import FoldTrainer
+from pipeline.stages.train import run_train
 
 from conftest import ID_COLUMN, REPO_ROOT, write_dataset
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipeline import budget
-from pipeline.budget import Plan, Speeds, plan_epochs
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.train import run_train
+from pipeline.training import budget
+from pipeline.training.budget import Plan, Speeds, plan_epochs
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.stages.train import run_train
 
 SPEEDS = Speeds(train_img_s=100.0, infer_img_s=400.0)
 
@@ -49,7 +49,7 @@ def test_a_generous_budget_keeps_the_configured_epochs(make_config, monkeypatch)
     cfg = make_config("train.num_workers=0", "augment.train=[]", "folds.n_splits=2", "train.unfrozen.epochs=2",
                       "train.time_budget_min=60")
     run_folds(cfg)
-    from pipeline.data import read_folds, task_spec
+    from pipeline.data.tables import read_folds, task_spec
     table = read_folds(cfg)
     planned, plan = budget.planned_config(cfg, cfg.backbones[0], task_spec(cfg, table), task_spec(cfg, table).encode(table),
                                           12, 1)

@@ -8,9 +8,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import (FOLD_STRATEGIES, TASKS, Config, config_from_dict, dump_config,
-                             load_config)
-from pipeline.errors import PipelineError
+from pipeline.config.schema import FOLD_STRATEGIES, TASKS, Config, config_from_dict, dump_config, load_config
+from pipeline.core.errors import PipelineError
 
 from conftest import DEMO_CONFIG
 

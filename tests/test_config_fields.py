@@ -13,9 +13,9 @@ import re
 import typing
 from pathlib import Path
 
-from pipeline import config
+from pipeline.config import schema as config
 
-PIPELINE = Path(config.__file__).resolve().parent
+PIPELINE = Path(config.__file__).resolve().parents[1]
 
 # Fields read generically (by dataclasses.asdict or a loop over names), never by name. Keep short.
 READ_GENERICALLY: set[str] = set()
@@ -46,7 +46,7 @@ def config_fields(cls=config.Config, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _source() -> str:
-    source = "\n".join(p.read_text() for p in sorted(PIPELINE.glob("*.py")) if p.name != "config.py")
+    source = "\n".join(p.read_text() for p in sorted(PIPELINE.rglob("*.py")) if p.name != "schema.py")
     # a list of the keys to leave out of fingerprints names a key without reading it
     return re.sub(r"RUN_ONLY_KEYS = \([^)]*\)", "", source)
 

@@ -6,13 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data import (PATH, ImageDataset, load_image, read_folds, read_test_table, read_train_table,
-                           task_spec)
-from pipeline.demo_data import run_demo_data
-from pipeline.errors import PipelineError
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.tasks import TaskSpec
+from pipeline.data.tables import read_folds, read_test_table, read_train_table, task_spec
+
+from pipeline.data.images import PATH
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.images import load_image
+from pipeline.stages.demo_data import run_demo_data
+from pipeline.core.errors import PipelineError
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.domain.tasks import TaskSpec
 
 from conftest import ID_COLUMN, write_dataset, write_png
 
@@ -147,7 +150,7 @@ def test_per_row_seeding_without_compose_set_random_seed_fails_loudly(monkeypatc
     skipped silently (a resumed run would then differ from an uninterrupted one)."""
     import albumentations
 
-    from pipeline.data import SeededSampler
+    from pipeline.data.datasets import SeededSampler
 
     image = write_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
     unseedable = lambda image: {"image": image}  # noqa: E731  (a transform without set_random_seed)
@@ -440,19 +443,20 @@ def test_demo_data_writes_kaggle_layout_and_is_skipped_on_rerun(make_config, tmp
 def test_images_are_decoded_once_per_unchanged_file_set(make_config, tmp_path, monkeypatch):
     """A checked image set is stamped under runs/.verified: re-reading the same files decodes
     nothing, and a changed file (new size or time) is decoded again."""
-    import pipeline.data as data_mod
+    import pipeline.data.images as data_mod
     from conftest import write_dataset
+    from pipeline.data.tables import read_train_table
 
     cfg = make_config(data=write_dataset(tmp_path / "d", n_train=20, n_test=4))
-    table = data_mod.read_train_table(cfg)
+    table = read_train_table(cfg)
     data_mod.record_verified(table, data_mod.verified_dir(cfg))  # what run_train does once all is valid
     decoded = []
     real = data_mod._image_problem
     monkeypatch.setattr(data_mod, "_image_problem", lambda p: (decoded.append(p), real(p))[1])
-    data_mod.read_train_table(cfg)
+    read_train_table(cfg)
     assert decoded == []
     image = tmp_path / "d" / "train" / "img_0003.png"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # now truncated
     with pytest.raises(PipelineError, match="img_0003"):
-        data_mod.read_train_table(cfg)
+        read_train_table(cfg)
     assert len(decoded) == 20

@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.data import read_train_table, task_spec
-from pipeline.errors import PipelineError
-from pipeline.folds import assign_folds, run_folds
-from pipeline.paths import Paths
+from pipeline.data.tables import read_train_table, task_spec
+from pipeline.core.errors import PipelineError
+from pipeline.data.splits import assign_folds
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
 
 from conftest import GROUP_COLUMN, MULTILABEL_LABELS, write_dataset, write_png
 
@@ -299,7 +300,7 @@ def test_cli_bad_data_exits_2_without_traceback(make_config, tmp_path, capsys):
 
 def test_group_folds_need_scikit_learn_1_6_and_say_so(make_config, tmp_path, monkeypatch):
     """GroupKFold(shuffle=...) is scikit-learn 1.6's: an older one is a clear error, not a TypeError."""
-    import pipeline.folds as folds_mod
+    import pipeline.data.splits as folds_mod
 
     class OldGroupKFold:  # scikit-learn < 1.6: no shuffle, no random_state
         def __init__(self, n_splits=5):

@@ -16,13 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import fit
-from pipeline.augment import ImageCache, eval_transform
-from pipeline.config import TrainConfig
-from pipeline.data import PATH, ImageDataset, decode_reduction, load_image, read_folds, task_spec
-from pipeline.fit import Runtime, default_workers, fused_kwargs, predict_logits
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
+from pipeline.engine import fit
+from pipeline.data.cache import ImageCache
+from pipeline.domain.transforms import eval_transform
+from pipeline.config.schema import TrainConfig
+from pipeline.data.tables import read_folds, task_spec
+from pipeline.data.images import PATH
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.images import decode_reduction, load_image
+from pipeline.engine.fit import Runtime, default_workers, fused_kwargs, predict_logits
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
 
@@ -36,8 +40,8 @@ def _photo(path, side: int, seed: int = 0) -> str:
 
 
 def _trainer(cfg, fold: int = 0, test: bool = False):
-    from pipeline.data import read_test_table
-    from pipeline.train import FoldJob, FoldTrainer
+    from pipeline.data.tables import read_test_table
+    from pipeline.training.trainer import FoldJob, FoldTrainer
 
     run_folds(cfg)
     table = read_folds(cfg)
@@ -229,8 +233,8 @@ def test_loaders_pin_memory_on_cuda(make_config):
 def test_bundled_weights_are_mapped_once_per_process(monkeypatch):
     import timm
 
-    from pipeline import backbones
-    from pipeline.config import BackboneConfig
+    from pipeline.engine import backbones
+    from pipeline.config.schema import BackboneConfig
 
     built = []
     original = timm.create_model
@@ -250,7 +254,7 @@ def test_bundled_weights_are_mapped_once_per_process(monkeypatch):
 
 
 def test_input_bench_rows_run_on_a_tiny_set(make_config, tmp_path, capsys):
-    from pipeline.bench_input import input_rows
+    from pipeline.bench.inputs import input_rows
 
     cfg = make_config(*FAST, f"runs_dir={tmp_path / 'runs'}")
     rows = input_rows(cfg, quick=True, bench_dir=tmp_path / "bench")
@@ -263,7 +267,7 @@ def test_input_bench_rows_run_on_a_tiny_set(make_config, tmp_path, capsys):
 
 
 def test_the_gpu_section_says_there_is_no_gpu_and_writes_nothing(make_config, tmp_path, capsys, monkeypatch):
-    from pipeline.bench import run_bench
+    from pipeline.bench.report import run_bench
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = run_bench(make_config(*FAST), output=str(tmp_path / "BENCHMARKS.md"), sections=("gpu",))
@@ -276,7 +280,7 @@ def test_the_gpu_section_says_there_is_no_gpu_and_writes_nothing(make_config, tm
 def test_ddp_ranks_share_one_cache_file(make_config, tmp_path):
     """Under torchrun rank 0 builds each cache file while the other ranks wait at the lock and a
     barrier, then every rank maps it: the run completes with one file per image set."""
-    from pipeline.config import dump_config
+    from pipeline.config.schema import dump_config
 
     cfg = make_config(*FAST, "train.cache_images=true", "train.unfrozen.epochs=1", f"runs_dir={tmp_path / 'runs'}")
     run_folds(cfg)

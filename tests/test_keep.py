@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import artifacts, features
-from pipeline.data import read_folds, read_test_table, task_spec
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.train import FoldJob, FoldTrainer, run_train
+from pipeline.core import artifacts
+from pipeline.engine import features
+from pipeline.data.tables import read_folds, read_test_table, task_spec
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.training.trainer import FoldJob, FoldTrainer
+from pipeline.stages.train import run_train
 
 FAST = ["train.num_workers=0", "augment.train=[]"]
 
@@ -26,7 +28,7 @@ def _job(cfg, fold=0, **kwargs) -> FoldJob:
 def _scripted_scores(monkeypatch, scores: list[float]) -> None:
     """Each epoch's validation score comes from ``scores`` (in epoch order) instead of the model."""
     it = iter(scores)
-    monkeypatch.setattr("pipeline.train.score", lambda *args, **kwargs: next(it))
+    monkeypatch.setattr("pipeline.training.trainer.score", lambda *args, **kwargs: next(it))
 
 
 @pytest.mark.parametrize("keep, kept_epoch", [("best", 1), ("last", 3)])
@@ -178,7 +180,7 @@ def test_finetune_bench_compares_the_kept_weights_on_the_hidden_labels(make_conf
     with the first unfrozen batch losses."""
     from conftest import _digits, write_dataset
 
-    from pipeline.bench_quality import bench_finetune
+    from pipeline.bench.quality import bench_finetune
 
     data = write_dataset(tmp_path / "data", "multiclass", n_train=60, n_test=12)
     labels = _digits()[1][60:72]
@@ -194,8 +196,8 @@ def test_finetune_bench_compares_the_kept_weights_on_the_hidden_labels(make_conf
 
 
 def test_finetune_bench_needs_the_hidden_labels(make_config):
-    from pipeline.bench_quality import bench_finetune
-    from pipeline.errors import PipelineError
+    from pipeline.bench.quality import bench_finetune
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="solution.csv"):
         bench_finetune(make_config(*FAST), seeds=(1,))

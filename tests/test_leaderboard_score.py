@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from test_leaderboard import HONEST, NESTED, make_board
 
-from pipeline.leaderboard import COLUMNS, run_leaderboard
-from pipeline.paths import Paths
-from pipeline.submit import _best_cv
+from pipeline.ensembles.scores import COLUMNS
+from pipeline.stages.leaderboard import run_leaderboard
+from pipeline.config.paths import Paths
+from pipeline.stages.submit import _best_cv
 
 
 def test_best_cv_is_the_honest_score(tmp_path):

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from pipeline import cli, locks
-from pipeline.config import dump_config
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
+from pipeline import cli
+from pipeline.core import locks
+from pipeline.config.schema import dump_config
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
 
 from conftest import REPO_ROOT
 

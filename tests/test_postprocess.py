@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import ensemble, postprocess
-from pipeline.config import config_from_dict
-from pipeline.ensemble import Inputs, run_method
-from pipeline.metrics import get_metric
-from pipeline.tasks import TaskSpec
+from pipeline.ensembles import blend as ensemble, postprocess
+from pipeline.config.schema import config_from_dict
+from pipeline.ensembles.blend import Inputs, run_method
+from pipeline.domain.metrics import get_metric
+from pipeline.domain.tasks import TaskSpec
 
 
 def _inputs(P, y, folds, task, metric, classes=()):

@@ -11,13 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.backbones import create_backbone, split_parameters
+from pipeline.engine.backbones import create_backbone, split_parameters
 from pipeline.cli import main
-from pipeline.errors import PipelineError
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.pretrain import run_pretrain
-from pipeline.train import fold_is_done, run_train
+from pipeline.core.errors import PipelineError
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.stages.pretrain import run_pretrain
+from pipeline.training.fingerprint import fold_is_done
+from pipeline.stages.train import run_train
 
 from conftest import DEMO_CONFIG, write_dataset
 
@@ -124,6 +125,6 @@ def test_pretrain_config_errors_name_the_key(make_config):
 def test_a_checkpoint_of_another_experiment_is_named_exp_slash_id():
     from pathlib import Path
 
-    from pipeline.backbones import pretrained_file
+    from pipeline.engine.backbones import pretrained_file
     assert pretrained_file("pretrained:x", Path("runs/exp")) == Path("runs/exp/x/pretrained.safetensors")
     assert pretrained_file("pretrained:other/x", Path("runs/exp")) == Path("runs/other/x/pretrained.safetensors")

@@ -14,17 +14,20 @@ import yaml
 
 from conftest import shrunk_raw_config, write_dataset
 from pipeline import cli
-from pipeline import train as train_module
-from pipeline.config import config_from_dict, dump_config
-from pipeline.data import PATH, read_folds, read_test_table, task_spec
-from pipeline.ensemble import run_ensemble
-from pipeline.errors import PipelineError
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.pseudo import (IMAGE_PATH, PSEUDO_FILE, TRAIN_FOLD, confident_labels, count_table, pseudo_label_frame,
-                             run_pseudo, source_fold_predictions, with_pseudo_labels)
-from pipeline.tasks import TaskSpec
-from pipeline.train import fold_digest, run_train
+from pipeline.training import trainer as train_module
+from pipeline.config.schema import config_from_dict, dump_config
+from pipeline.data.tables import read_folds, read_test_table, task_spec
+from pipeline.data.images import PATH
+from pipeline.stages.ensemble import run_ensemble
+from pipeline.core.errors import PipelineError
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.training.pseudo_labels import IMAGE_PATH, TRAIN_FOLD, with_pseudo_labels
+from pipeline.stages.pseudo import PSEUDO_FILE, confident_labels, count_table, pseudo_label_frame, run_pseudo, source_fold_predictions
+from pipeline.cli import pseudo_experiment
+from pipeline.domain.tasks import TaskSpec
+from pipeline.training.fingerprint import fold_digest
+from pipeline.stages.train import run_train
 
 MODEL = "test_efficientnet"
 
@@ -59,7 +62,7 @@ def test_pseudo_rows_train_their_fold_and_are_never_validated_or_scored(source, 
             seen[job.fold] = (job.table.iloc[self.train_idx], job.table.iloc[self.valid_idx])
 
     monkeypatch.setattr(train_module.FoldTrainer, "__init__", spy)
-    config_path = run_pseudo(cfg, "weighted", threshold=0.1, train=True)  # 10 classes: every row passes 0.1
+    config_path = pseudo_experiment(cfg, "weighted", threshold=0.1)  # 10 classes: every row passes 0.1
     out = capsys.readouterr().out
     new_cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
     assert new_cfg.name == f"{cfg.name}-pseudo" and new_cfg.train.pseudo_labels.endswith(PSEUDO_FILE)

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.augment import ImageCache, eval_transform
-from pipeline.config import dump_config
-from pipeline.data import load_image, read_folds
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.train import run_train
+from pipeline.data.cache import ImageCache
+from pipeline.domain.transforms import eval_transform
+from pipeline.config.schema import dump_config
+from pipeline.data.images import load_image
+from pipeline.data.tables import read_folds
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.stages.train import run_train
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
 
@@ -63,7 +65,7 @@ def test_augmented_training_does_not_depend_on_the_number_of_loader_workers(make
 
 
 def test_seeded_sampler_gives_every_row_once_with_the_epoch_seed():
-    from pipeline.data import SeededSampler, row_seed
+    from pipeline.data.datasets import SeededSampler, row_seed
 
     sampler = SeededSampler(10)
     sampler.set_epoch(7)
@@ -118,7 +120,7 @@ def test_ddp_with_two_cpu_processes_writes_complete_files_close_to_single_proces
 
 
 def test_bench_quick_prints_every_ratio_with_its_goal(make_config, tmp_path, capsys):
-    from pipeline.bench import run_bench
+    from pipeline.bench.report import run_bench
 
     cfg = make_config(*FAST)
     out = run_bench(cfg, quick=True, output=str(tmp_path / "BENCHMARKS.md"))
@@ -130,7 +132,7 @@ def test_bench_quick_prints_every_ratio_with_its_goal(make_config, tmp_path, cap
 
 
 def test_quality_benches_write_their_sections_and_keep_the_others(make_config, tmp_path, capsys):
-    from pipeline import bench, bench_quality
+    from pipeline.bench import report as bench, quality as bench_quality
 
     cfg = make_config(*FAST)
     tune_md = bench_quality.bench_tune(cfg, trials=3, eval_folds=(1,))

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoints, fit
-from pipeline.config import PhaseConfig, TrainConfig, config_from_dict
-from pipeline.errors import PipelineError
-from pipeline.fit import Runtime, Stepper, build_scheduler, choose_amp_dtype
-from pipeline.train import FoldTrainer
+from pipeline.engine import checkpoints, fit
+from pipeline.config.schema import PhaseConfig, TrainConfig, config_from_dict
+from pipeline.core.errors import PipelineError
+from pipeline.engine.fit import Runtime, Stepper, build_scheduler, choose_amp_dtype
+from pipeline.training.trainer import FoldTrainer
 
 LR, MIN = 1e-2, 0.01
 
@@ -223,9 +223,9 @@ def test_train_compile_is_used_for_the_unfrozen_forward_and_predictions(make_con
                                                                         fresh_compile):
     from safetensors.torch import load_file
 
-    from pipeline.folds import run_folds
-    from pipeline.paths import Paths
-    from pipeline.train import run_train
+    from pipeline.stages.folds import run_folds
+    from pipeline.config.paths import Paths
+    from pipeline.stages.train import run_train
 
     modes = []
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline.backbones import create_backbone
-from pipeline.config import config_from_dict, load_config
-from pipeline.errors import PipelineError
-from pipeline.fit import build_optimizer
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.train import run_train
+from pipeline.engine.backbones import create_backbone
+from pipeline.config.schema import config_from_dict, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.engine.fit import build_optimizer
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.stages.train import run_train
 
 from conftest import REPO_ROOT, write_dataset
 

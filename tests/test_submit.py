@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import config_from_dict
-from pipeline.errors import PipelineError
-from pipeline.leaderboard import read_submissions_log
-from pipeline.paths import Paths
-from pipeline.submit import (format_submission, load_spec, parse_kaggle_submissions, run_lb_sync, run_score,
-                             run_submit, validate_submission, write_submission)
+from pipeline.config.schema import config_from_dict
+from pipeline.core.errors import PipelineError
+from pipeline.ensembles.scores import read_submissions_log
+from pipeline.config.paths import Paths
+from pipeline.ensembles.submission import format_submission, load_spec, validate_submission, write_submission
+from pipeline.stages.submit import parse_kaggle_submissions, run_lb_sync, run_score, run_submit
+from pipeline.cli import lb_sync
 
 CLASSES = ["cat", "dog", "emu"]
 TEST_IDS = [f"tst_{i}" for i in range(5)]
@@ -265,7 +266,7 @@ def test_lb_sync_stores_public_scores_and_rebuilds_the_leaderboard(tmp_path, kag
     cv = Paths(cfg).cv_json("alpha")
     cv.parent.mkdir(parents=True)
     cv.write_text(json.dumps({"metric": "accuracy", "greater_is_better": True, "folds": [0.9, 0.8], "oof": 0.85}))
-    board = run_lb_sync(cfg)
+    board = lb_sync(cfg)
     assert kaggle()[-1] == ["competitions", "submissions", "fake-comp", "-v"]
     log = read_submissions_log(cfg).set_index("message")
     assert log.loc["first try", "public_lb"] == pytest.approx(0.91234)

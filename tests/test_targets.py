@@ -9,15 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import config_from_dict
-from pipeline.data import read_train_table, task_spec
-from pipeline.errors import PipelineError
-from pipeline.folds import run_folds
-from pipeline.metrics import get_metric
-from pipeline.paths import Paths
-from pipeline.submit import format_submission, run_score
-from pipeline.tasks import TaskSpec
-from pipeline.train import run_train
+from pipeline.config.schema import config_from_dict
+from pipeline.data.tables import read_train_table, task_spec
+from pipeline.core.errors import PipelineError
+from pipeline.stages.folds import run_folds
+from pipeline.domain.metrics import get_metric
+from pipeline.config.paths import Paths
+from pipeline.ensembles.submission import format_submission
+from pipeline.stages.submit import run_score
+from pipeline.domain.tasks import TaskSpec
+from pipeline.stages.train import run_train
 
 from conftest import ID_COLUMN, write_dataset
 

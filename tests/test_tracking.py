@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 
 from pipeline import tracking
-from pipeline.ensemble import run_ensemble
-from pipeline.errors import PipelineError
-from pipeline.folds import run_folds
-from pipeline.leaderboard import run_leaderboard
-from pipeline.paths import Paths
-from pipeline.train import run_train
+from pipeline.stages.ensemble import run_ensemble
+from pipeline.core.errors import PipelineError
+from pipeline.stages.folds import run_folds
+from pipeline.stages.leaderboard import run_leaderboard
+from pipeline.config.paths import Paths
+from pipeline.stages.train import run_train
 
 TINY = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2", "ensemble.methods=[mean]"]
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import train as train_mod
-from pipeline.backbones import split_parameters
-from pipeline.config import BackboneConfig, PhaseConfig
-from pipeline.data import read_folds, read_test_table, task_spec
-from pipeline.errors import PipelineError
-from pipeline.fit import build_optimizer, build_scheduler, group_lrs
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.train import FoldJob, FoldTrainer, run_train
+from pipeline.training import trainer as train_mod
+from pipeline.engine.backbones import split_parameters
+from pipeline.config.schema import BackboneConfig, PhaseConfig
+from pipeline.data.tables import read_folds, read_test_table, task_spec
+from pipeline.core.errors import PipelineError
+from pipeline.engine.fit import build_optimizer, build_scheduler, group_lrs
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.training.trainer import FoldJob, FoldTrainer
+from pipeline.stages.train import run_train
 
 from conftest import write_dataset
 
@@ -180,8 +181,8 @@ def test_bundled_efficientnet_lite0_recognises_the_china_photo():
     from sklearn.datasets import load_sample_image
     from timm.data import ImageNetInfo
 
-    from pipeline.augment import eval_transform, normalize
-    from pipeline.backbones import create_backbone, data_config
+    from pipeline.domain.transforms import eval_transform, normalize
+    from pipeline.engine.backbones import create_backbone, data_config
 
     model = create_backbone(BackboneConfig(name="efficientnet_lite0", weights="bundled", image_size=224), 1000).eval()
     dc = data_config(model, BackboneConfig(name="efficientnet_lite0", image_size=224))

@@ -19,15 +19,16 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline import artifacts
-from pipeline import tune as tune_mod
+from pipeline.core import artifacts
+from pipeline.stages import tune as tune_mod
 from pipeline.cli import main
-from pipeline.config import dump_config
-from pipeline.errors import PipelineError
-from pipeline.folds import run_folds
-from pipeline.paths import Paths
-from pipeline.train import apply_tuned, run_train
-from pipeline.tune import FINISHED, run_tune, storage_url, study_name
+from pipeline.config.schema import dump_config
+from pipeline.core.errors import PipelineError
+from pipeline.stages.folds import run_folds
+from pipeline.config.paths import Paths
+from pipeline.training.tuned import apply_tuned
+from pipeline.stages.train import run_train
+from pipeline.stages.tune import FINISHED, run_tune, storage_url, study_name
 
 FAST = ["train.num_workers=0", "augment.train=[]"]
 FROZEN_ONLY = [*FAST, "tune.frozen_epochs=1", "tune.unfrozen_epochs=0"]

@@ -20,15 +20,16 @@ import pytest
 import yaml
 
 from conftest import shrunk_raw_config
-from pipeline.config import config_from_dict, load_config
-from pipeline.ensemble import run_ensemble
-from pipeline.errors import PipelineError
-from pipeline.folds import run_folds
-from pipeline.leaderboard import run_leaderboard
-from pipeline.paths import Paths
-from pipeline.data import read_test_table
-from pipeline.predict import predict_frame, run_predict
-from pipeline.train import run_train
+from pipeline.config.schema import config_from_dict, load_config
+from pipeline.stages.ensemble import run_ensemble
+from pipeline.core.errors import PipelineError
+from pipeline.stages.folds import run_folds
+from pipeline.stages.leaderboard import run_leaderboard
+from pipeline.config.paths import Paths
+from pipeline.data.tables import read_test_table
+from pipeline.ensembles.inference import predict_frame
+from pipeline.stages.predict import run_predict
+from pipeline.stages.train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +146,7 @@ def test_a_checkpoint_from_another_config_is_refused_with_the_differences(traine
 def test_bundle_predicts_offline_without_the_project(trained, tmp_path):
     """The bundle as Kaggle runs it: another working directory, no network, the project's editable
     install and source removed from the import system; its submission equals `predict`'s."""
-    from pipeline.bundle import run_bundle
+    from pipeline.stages.bundle import run_bundle
 
     cfg, _, _ = trained
     paths = Paths(cfg)
@@ -180,7 +181,7 @@ def test_bundle_predicts_offline_without_the_project(trained, tmp_path):
 
 
 def test_image_size_placeholder_takes_each_variants_size():
-    from pipeline.augment import train_transform
+    from pipeline.domain.transforms import train_transform
 
     spec = [{"name": "RandomResizedCrop", "size": ["{image_size}", "{image_size}"], "scale": [0.5, 1.0]}]
     image = np.zeros((100, 80, 3), np.uint8)
@@ -189,7 +190,7 @@ def test_image_size_placeholder_takes_each_variants_size():
 
 
 def test_fp16_bundle_halves_the_weights(trained, tmp_path):
-    from pipeline.bundle import run_bundle
+    from pipeline.stages.bundle import run_bundle
 
     cfg, _, _ = trained
     full = run_bundle(cfg, method="large", out=str(tmp_path / "fp32"))

@@ -1,0 +1,199 @@
+"""Benchmarks: the pipeline's cost against the bare model's, as ratios measured in one run.
+
+Absolute speeds on shared machines are noise; a ratio of two loops timed back to back on the
+same machine, model, batch and resolution is not. Each row prints the measured ratio and its
+goal; the table (with the command and machine) is written to BENCHMARKS.md.
+
+* train step: pipeline images/s / bare forward+backward images/s (synthetic uint8 batches,
+  the pipeline's own normalisation, loss, optimizer groups, scheduler and stepper);
+* inference with TTA: pipeline images/s x views / bare forward images/s;
+* frozen phase, all folds on cached features / one bare forward pass over the same images, and
+  the same phase through the model / with the cache;
+* peak resident memory of a training process, and the image cache's size.
+
+The rows through the real input path (JPEG files and a fold's own loaders: ``--sections input``,
+also run by ``speed``), one fold timed step by step (``timeline``) and absolute GPU speeds
+(``gpu``) are in :mod:`pipeline.bench.inputs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.measure import (
+    bench_frozen_only,
+    bench_frozen_phase,
+    bench_inference,
+    bench_train_step,
+    machine,
+    peak_memory_of_training,
+)
+from pipeline.config.schema import BackboneConfig, Config, dump_config
+from pipeline.core import artifacts
+from pipeline.data.cache import ImageCache
+
+SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "gpu")
+
+
+def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
+              sections: tuple[str, ...] = SECTIONS) -> Path:
+    """The speed table (always with ``--quick``, which runs only it), then the quality sections."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        from pipeline.core.errors import PipelineError
+        raise PipelineError(f"--sections: unknown {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    path = Path(output)
+    if quick or "speed" in sections:
+        path = bench_speed(cfg, quick, output)
+    if quick:
+        return path
+    config = "" if cfg.name == "demo" else f"CONFIG=configs/{cfg.name}.yaml "
+    from pipeline.bench import inputs as bench_input
+    if "input" in sections or "speed" in sections:  # the speed table's rows through the real input path
+        rows = bench_input.input_rows(cfg, False, Path(cfg.runs_dir) / "bench")
+        _write_section(path, "input", f"## Speed through the real input path: `make bench {config}ARGS=\"--sections "
+                                      f"input\"` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{_table(rows)}")
+    if "timeline" in sections:
+        _write_section(path, "timeline", _timeline(cfg, config))
+    if "gpu" in sections:
+        rows = bench_input.gpu_rows(cfg, Path(cfg.runs_dir) / "bench")
+        if rows is not None:
+            _write_section(path, "gpu", f"## GPU: `make bench {config}ARGS=\"--sections gpu\"` on {machine()}, "
+                                        f"{time.strftime('%Y-%m-%d')}\n\n{_table(rows)}")
+    from pipeline.bench import quality as bench_quality
+    quality = {"tune": ("Tuned vs default learning rates", bench_quality.bench_tune),
+               "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft),
+               "finetune": ("Fine-tuning against the frozen head, and which weights to keep",
+                            bench_quality.bench_finetune)}
+    for name, (title, measure) in quality.items():
+        if name in sections:
+            body = measure(cfg)
+            print(body)
+            _write_section(path, name, f"## {title}: `make bench {config}ARGS=\"--sections {name}\"` on {machine()}, "
+                                       f"{time.strftime('%Y-%m-%d')}\n\n{body}")
+    return path
+
+
+def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
+    cuda = torch.cuda.is_available()
+    name = "test_efficientnet" if quick else "efficientnet_lite0"
+    size, batch = (32, 16) if quick else (128, 32)
+    steps, repeats = (3, 2) if quick else (6, 3)
+    rows = []
+
+    r = bench_train_step(cfg, name, size, batch, steps, repeats)
+    rows.append(("train step, synthetic batches: pipeline / bare fwd+bwd", r["pipeline_img_s"] / r["bare_img_s"],
+                 ">= 0.85" if cuda else ">= 0.9", f"{r['pipeline_img_s']:.0f} vs {r['bare_img_s']:.0f} img/s",
+                 f"{name} {size}px batch {batch}"))
+    gc.collect()
+    views = ["identity", "hflip"]
+    r = bench_inference(cfg, name, size, batch, steps, repeats, views)
+    rows.append(("inference with TTA, synthetic batches: pipeline x views / bare fwd",
+                 r["pipeline_img_s"] * r["views"] / r["bare_img_s"],
+                 ">= 0.9", f"{r['pipeline_img_s']:.0f} img/s x {r['views']} views vs {r['bare_img_s']:.0f} img/s",
+                 f"{name} {size}px batch {batch}"))
+    gc.collect()
+
+    bench_dir = Path(cfg.runs_dir) / "bench"
+    small = cfg.replace(name="bench", backbones=[cfg.backbones[0] if not quick else
+                                                 BackboneConfig(name="test_efficientnet", weights="none", image_size=32)])
+    epochs = 2 if quick else 5
+    r = bench_frozen_phase(small, epochs, image_size=None if quick else size)
+    setting = f"{r['folds']} folds x {r['epochs']} epochs, {r['images']} images, {small.backbones[0].name} {r['size']}px"
+    rows.append(("frozen phase, all folds, cached / one bare fwd pass", r["cached_s"] / r["bare_forward_s"], "<= 1.2",
+                 f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s", setting))
+    rows.append(("frozen phase: through the model / cached", r["through_model_s"] / r["cached_s"], ">= 10",
+                 f"{r['through_model_s']:.1f} s vs {r['cached_s']:.2f} s", "same folds and epochs"))
+    if not quick:  # the demo's own tiny images: the worst case for this ratio (see bench_frozen_phase)
+        r = bench_frozen_phase(small, epochs, through_model=False)
+        rows.append(("frozen phase, all folds, cached / one bare fwd pass", r["cached_s"] / r["bare_forward_s"],
+                     "<= 1.2", f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s",
+                     f"same at the demo's {r['size']}px: the head's {r['folds'] * r['epochs']} epochs of steps are a "
+                     f"fixed cost that weighs more against a tiny forward pass"))
+
+    r = bench_frozen_only(small, image_size=None if quick else size)
+    rows.append(("frozen-only train stage (probe, OOF, test, all folds) / one bare fwd pass per view",
+                 r["stage_s"] / r["bare_forward_s"], "<= 1.3", f"{r['stage_s']:.2f} s vs {r['bare_forward_s']:.2f} s",
+                 f"{r['folds']} folds, {r['images']} train+test images x {r['views']} views, "
+                 f"{small.backbones[0].name} {r['size']}px"))
+
+    config_path = bench_dir / "bench.yaml"
+    one_epoch = small.replace(train=dataclasses.replace(small.train, frozen=dataclasses.replace(small.train.frozen, epochs=1),
+                                                        unfrozen=dataclasses.replace(small.train.unfrozen, epochs=1)),
+                              runs_dir=str(bench_dir / "runs"))
+    artifacts.write_text(config_path, dump_config(one_epoch))
+    rss, imports = peak_memory_of_training(config_path)
+    rows.append(("peak RSS of a training process (1 fold, 1+1 epochs)", rss, "-",
+                 f"{rss:.0f} MiB, of which {imports:.0f} MiB after importing torch, timm and the rest",
+                 f"{one_epoch.backbones[0].name} {one_epoch.backbones[0].image_size or 224}px"))
+    n_images = len(list((Path(cfg.data.root) / cfg.data.train_dir).glob("*")))
+    img_size = small.backbones[0].image_size or 224
+    cache_mib = ImageCache.bytes_needed(n_images, img_size) / 2**20
+    rows.append(("image cache size (train images)", cache_mib, "-", f"{cache_mib:.1f} MiB",
+                 f"{n_images} images at {img_size}px"))
+    demo = Path(cfg.runs_dir) / "demo_wall_time.json"
+    if demo.exists():
+        seconds = artifacts.read_json(demo)["seconds"]
+        rows.append(("wall time of `make demo`", seconds, "-", f"{seconds / 60:.1f} min", "end to end, this machine"))
+    return _report(rows, output, quick)
+
+
+def _table(rows) -> str:
+    """The rows as a Markdown table (printed too), with a "met" column for goals ``>= x``/``<= x``."""
+    header = "| benchmark | measured | goal | met | figures | setting |\n|---|---|---|---|---|---|\n"
+    lines = [f"| {b} | {v:.3g} | {g} | {_met(v, g)} | {fig} | {s} |" for b, v, g, fig, s in rows]
+    table = header + "\n".join(lines) + "\n"
+    print(table)
+    return table
+
+
+def _timeline(cfg: Config, config: str) -> str:
+    from pipeline.bench import inputs as bench_input
+
+    steps = bench_input.timeline(cfg)
+    total = sum(seconds for _, seconds, _ in steps)
+    b = cfg.backbones[0]
+    lines = [f"## Where the time of one fold goes: `make bench {config}ARGS=\"--sections timeline\"` on {machine()}, "
+             f"{time.strftime('%Y-%m-%d')}\n",
+             f"{b.name} at {b.image_size or 'its default'} px, batch {cfg.train.batch_size}, fold 0 of "
+             f"{cfg.folds.n_splits}, one unfrozen epoch, train.cache_images {cfg.train.cache_images}, "
+             f"{len(cfg.augment.tta)} TTA views.\n",
+             "| step | seconds | share | what |", "|---|---|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} | {seconds / total:.0%} | {what} |" for name, seconds, what in steps]
+    lines.append(f"| total | {total:.1f} | 100% | |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    return text
+
+
+def _report(rows, output: str, quick: bool) -> Path:
+    table = _table(rows)
+    command = "make bench" + (" ARGS=--quick" if quick else "")
+    path = Path(output)
+    _write_section(path, "speed", f"## Speed: `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}\n\n{table}")
+    return path
+
+
+def _met(value: float, goal: str) -> str:
+    """yes/no for goals written as ``>= x`` or ``<= x``; blank for figures without a goal."""
+    if goal.startswith((">=", "<=")):
+        bound = float(goal[2:])
+        return "yes" if (value >= bound if goal.startswith(">=") else value <= bound) else "no"
+    return ""
+
+
+def _write_section(path: Path, name: str, text: str) -> None:
+    """Replace (or append) one section of BENCHMARKS.md, between its markers, leaving the rest."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    previous = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured, with the command that reproduces each table.\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in previous and end in previous:
+        head, rest = previous.split(start, 1)
+        updated = head + block + rest.split(end, 1)[1]
+    else:
+        updated = previous.rstrip() + "\n\n" + block + "\n"
+    artifacts.write_text(path, updated)

@@ -1,0 +1,152 @@
+"""Atomic writes and the skip-if-unchanged stamps that every stage uses.
+
+Every file is written to a temporary sibling and renamed into place, so a crash never
+leaves half a file. A stage records a fingerprint of its inputs and config next to its
+outputs; a re-run with the same fingerprint and all outputs present is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+TMP_SUFFIX = ".tmp"
+STALE_TMP_SECONDS = 3600  # a temporary file without a writer's pid in its name is stale after this
+
+
+@contextmanager
+def atomic_path(path: Path | str):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: Path | str, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv(path: Path | str, frame: pd.DataFrame, **kwargs) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, **kwargs)
+    return Path(path)
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def file_digest(path: Path | str) -> str:
+    """SHA-1 of a file's bytes (fast enough for CSVs and configs)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(config_part: Any, input_files: Iterable[Path | str] = ()) -> str:
+    """A stable digest of a config fragment and the contents of input files."""
+    h = hashlib.sha1(json.dumps(config_part, sort_keys=True, default=str).encode())
+    for p in sorted(str(p) for p in input_files):
+        h.update(p.encode())
+        h.update(file_digest(p).encode() if os.path.isfile(p) else b"missing")  # a folder: the stage says so
+    return h.hexdigest()
+
+
+def _stamp_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.stamp"
+
+
+def is_up_to_date(outputs: Iterable[Path | str], digest: str) -> bool:
+    """True when every output exists and was written under the same fingerprint."""
+    for out in map(Path, outputs):
+        stamp = _stamp_path(out)
+        if not out.exists() or not stamp.exists() or stamp.read_text().strip() != digest:
+            return False
+    return True
+
+
+def mark_done(outputs: Iterable[Path | str], digest: str) -> None:
+    for out in map(Path, outputs):
+        write_text(_stamp_path(out), digest + "\n")
+
+
+# ---------------------------------------------------------------------------- before a stage writes
+
+
+def check_writable(*folders: Path | str) -> None:
+    """Refuse to start a stage whose output ``folders`` cannot be created or written: each must be a
+    folder (or not exist yet below a writable folder). Writes nothing."""
+    from pipeline.core.errors import PipelineError
+
+    for folder in map(Path, folders):
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise PipelineError(f"output folder {folder}: {probe} is a file, not a folder; remove or rename it, "
+                                f"or point runs_dir, folds_dir or submissions_dir (config keys) elsewhere")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PipelineError(f"output folder {folder}: {probe} is not writable; make it writable (chmod/chown) "
+                                f"or point runs_dir, folds_dir or submissions_dir (config keys) at a writable folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _is_stale(tmp: Path) -> bool:
+    """A temporary file of :func:`atomic_path` whose writer is gone (killed mid-write)."""
+    middle = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]  # "<pid>-<random>" (older files: "<random>")
+    pid = middle.split("-", 1)[0]
+    if "-" in middle and pid.isdigit():
+        return not _pid_alive(int(pid))
+    try:
+        return time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temps(*folders: Path | str, recursive: bool = False) -> list[Path]:
+    """Delete ``.<name>.<pid>-<random>.tmp`` files left in ``folders`` by a process killed during an
+    atomic write (its pid no longer runs); files of running writers are left alone."""
+    removed = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        pattern = f".*{TMP_SUFFIX}"
+        for tmp in (folder.rglob(pattern) if recursive else folder.glob(pattern)):
+            if tmp.is_file() and _is_stale(tmp):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    if removed:
+        names = ", ".join(p.name for p in removed[:3]) + (" ..." if len(removed) > 3 else "")
+        print(f"removed {len(removed)} temporary files left by an interrupted run: {names}")
+    return removed

@@ -1,0 +1,48 @@
+"""Folds stage: ``folds/<exp>.csv``, every train row in exactly one fold."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config.paths import Paths
+from pipeline.config.schema import Config
+from pipeline.core import artifacts, locks
+from pipeline.data.images import PATH
+from pipeline.data.splits import assign_folds, describe_targets
+from pipeline.data.tables import read_test_table, read_train_table, task_spec
+
+
+def run_folds(cfg: Config, force: bool = False) -> Path:
+    """Write ``folds/<exp>.csv``; skipped when inputs and config are unchanged."""
+    paths = Paths(cfg)
+    out = paths.folds_csv
+    inputs = [paths.train_csv] if paths.train_csv else []
+    listing = [] if paths.train_csv else sorted(str(p) for p in paths.train_dir.rglob("*") if p.is_file())
+    digest = artifacts.fingerprint({"data": cfg.data.__dict__, "folds": cfg.folds.__dict__, "images": listing},
+                                   inputs + [paths.sample_submission])
+    if not force and artifacts.is_up_to_date([out], digest):
+        print(f"folds: {out} is up to date (use --force to redo)")
+        return out
+    table = read_train_table(cfg)
+    read_test_table(cfg)  # every later stage needs the test images: catch missing ones now
+    spec = task_spec(cfg, table)
+    spec.encode(table)  # every target must encode, whatever the strategy looks at
+    fold = assign_folds(table, spec, cfg)
+    artifacts.check_writable(out.parent)
+    with locks.hold(out, f"folds file {out}", "is being written", wait=True):  # a second `make folds` waits
+        if not force and artifacts.is_up_to_date([out], digest):  # written by the run it waited for
+            print(f"folds: {out} is up to date (use --force to redo)")
+            return out
+        artifacts.remove_stale_temps(out.parent)
+        columns = [cfg.data.id_column, *cfg.data.target_columns]
+        if cfg.data.group_column:
+            columns.append(cfg.data.group_column)
+        frame = table[[c for c in columns if c != PATH]].copy()
+        frame["fold"] = fold
+        artifacts.write_csv(out, frame)
+        artifacts.mark_done([out], digest)
+    sizes = np.bincount(fold).tolist()
+    print(f"folds: wrote {out} ({len(frame)} rows, {cfg.folds.n_splits} folds of sizes {sizes}, "
+          f"strategy {cfg.folds.strategy}){describe_targets(spec)}")
+    return out

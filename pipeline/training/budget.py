@@ -1,0 +1,142 @@
+"""``train.time_budget_min``: fit the train stage into a wall-clock budget.
+
+A few training and inference steps of the real backbone, at its batch and image size on this
+machine, give images per second; from those and the data's size the plan takes the largest
+number of unfrozen epochs (0 included: the frozen-only path) for which every fold of every
+backbone fits the budget, and the number of fold processes (one per GPU). The plan is printed
+before training and saved in ``runs/<exp>/<backbone>/plan.json``, so a re-run (or a resumed
+run) keeps the same epochs instead of re-measuring into a different plan.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config.paths import Paths
+from pipeline.config.schema import BackboneConfig, Config, PhaseConfig
+from pipeline.core import artifacts
+from pipeline.domain.tasks import TaskSpec
+from pipeline.engine.backbones import create_backbone, data_config
+from pipeline.engine.fit import (
+    Runtime,
+    Stepper,
+    build_optimizer,
+    build_scheduler,
+    make_loss,
+)
+
+
+@dataclass(frozen=True)
+class Speeds:
+    train_img_s: float  # forward + backward + optimizer step, unfrozen
+    infer_img_s: float  # forward only
+
+
+@dataclass(frozen=True)
+class Plan:
+    unfrozen_epochs: int
+    jobs: int
+    seconds: float  # the estimate for every fold of this backbone
+    budget_s: float
+
+    def describe(self, name: str, speeds: Speeds) -> str:
+        path = "frozen-only (the head on cached features)" if self.unfrozen_epochs == 0 else \
+            f"{self.unfrozen_epochs} unfrozen epochs per fold"
+        return (f"{name}: time budget {self.budget_s / 60:.1f} min -> {path}, {self.jobs} fold process(es); "
+                f"estimated {self.seconds / 60:.1f} min from {speeds.train_img_s:.0f} train / "
+                f"{speeds.infer_img_s:.0f} inference images/s measured on this machine")
+
+
+def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: np.ndarray, steps: int = 3) -> Speeds:
+    """Images/s of the backbone's training step and forward pass on random uint8 images with real
+    encoded ``targets`` (the first step of each is a warm-up and is not timed)."""
+    model = create_backbone(bcfg, spec.num_outputs, Paths(cfg).exp_dir)
+    dc = data_config(model, bcfg)
+    rt = Runtime.create(cfg.train, dc["mean"], dc["std"])
+    rt.prepare_model(model)
+    batch, size = bcfg.batch_size or cfg.train.batch_size, dc["size"]
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    y = torch.from_numpy(np.resize(targets, (batch, *targets.shape[1:])))
+    phase = PhaseConfig(epochs=1, lr=1e-4)
+    optimizer = build_optimizer(model, cfg.train, phase, frozen=False)
+    stepper = Stepper(optimizer, build_scheduler(optimizer, phase, steps + 1), rt, cfg.train, model.parameters())
+    loss_fn = make_loss(spec, cfg.train)
+
+    def train_step():
+        model.train()
+        with rt.autocast():
+            loss = loss_fn(model(rt.images(x)), y.to(rt.device))
+        stepper.backward(loss, last=True)
+
+    @torch.no_grad()
+    def infer_step():
+        model.eval()
+        with rt.autocast():
+            model(rt.images(x))
+
+    return Speeds(batch / _seconds_per_call(train_step, steps, rt), batch / _seconds_per_call(infer_step, steps, rt))
+
+
+def _seconds_per_call(fn, calls: int, rt: Runtime) -> float:
+    fn()  # warm-up: allocations, cuDNN autotuning
+    if rt.cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if rt.cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
+def plan_epochs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: int, max_epochs: int,
+                budget_s: float, jobs: int = 1) -> Plan:
+    """The most unfrozen epochs (up to ``max_epochs``) whose estimated time fits ``budget_s``.
+
+    Per backbone: one forward pass over the train images for the frozen features; per fold and
+    unfrozen epoch, a training pass over the fold's train rows and a validation pass; per fold,
+    the TTA predictions of the validation and test rows. Folds split over ``jobs`` processes.
+    The frozen-only path predicts from cached features: one pass per image and view, all folds."""
+    valid = n_train / n_folds
+    features = n_train / speeds.infer_img_s
+
+    def seconds(epochs: int) -> float:
+        if epochs == 0:
+            return features + (n_train * (views - 1) + n_test * views) / speeds.infer_img_s
+        per_epoch = (n_train - valid) / speeds.train_img_s + valid / speeds.infer_img_s
+        per_fold = epochs * per_epoch + (valid + n_test) * views / speeds.infer_img_s
+        return features + per_fold * -(-n_folds // jobs)
+
+    epochs = max([e for e in range(max_epochs + 1) if seconds(e) <= budget_s], default=0)
+    return Plan(epochs, jobs, seconds(epochs), budget_s)
+
+
+def planned_config(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: np.ndarray, n_test: int,
+                   jobs: int) -> tuple[Config, Plan | None]:
+    """``cfg`` with the unfrozen epochs the time budget allows and the budget itself spent
+    (``time_budget_min: null``, so that fold processes and resumed runs train the same plan);
+    unchanged without a budget. The budget is shared equally by the backbones; a saved plan for
+    the same settings is reused. ``targets``: every train row, encoded."""
+    minutes, n_train = cfg.train.time_budget_min, len(targets)
+    if minutes is None:
+        return cfg, None
+    path = Paths(cfg).backbone_dir(bcfg.slug) / "plan.json"
+    key = artifacts.fingerprint({"budget": minutes, "backbone": dataclasses.asdict(bcfg), "jobs": jobs,
+                                 "train": dataclasses.asdict(cfg.train), "rows": [n_train, n_test],
+                                 "folds": cfg.folds.n_splits, "tta": list(cfg.augment.tta),
+                                 "backbones": len(cfg.backbones)})
+    saved = artifacts.read_json(path) if path.exists() else None
+    if saved is not None and saved.get("key") == key:
+        plan, speeds = Plan(**saved["plan"]), Speeds(**saved["speeds"])
+    else:
+        speeds = measure_speeds(cfg, bcfg, spec, targets)
+        plan = plan_epochs(speeds, n_train, n_test, cfg.folds.n_splits, len(cfg.augment.tta),
+                           cfg.train.unfrozen.epochs, minutes * 60 / len(cfg.backbones), jobs)
+        artifacts.write_json(path, {"key": key, "plan": dataclasses.asdict(plan), "speeds": dataclasses.asdict(speeds)})
+    print(plan.describe(bcfg.slug, speeds))
+    unfrozen = dataclasses.replace(cfg.train.unfrozen, epochs=plan.unfrozen_epochs)
+    return cfg.replace(train=dataclasses.replace(cfg.train, unfrozen=unfrozen, time_budget_min=None)), plan

@@ -1,0 +1,50 @@
+"""What a fold's result depends on: the one list of run-only keys and the fold digest that
+decides whether a finished fold is still current."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline.config.paths import Paths
+from pipeline.config.schema import BackboneConfig, Config
+from pipeline.core import artifacts
+from pipeline.engine.backbones import PRETRAINED, pretrained_file
+from pipeline.engine.fit import LR_SCHEDULE
+
+
+def fold_outputs(fold_dir: Path, with_test: bool) -> list[Path]:
+    outs = [fold_dir / "oof.csv", fold_dir / "history.csv", fold_dir / "best.safetensors", fold_dir / "kept.json"]
+    return outs + [fold_dir / "test.csv"] if with_test else outs
+
+
+RUN_ONLY_KEYS = ("num_workers", "use_tuned", "device")  # train.* keys that change how, not what
+
+
+def result_train_config(cfg: Config) -> dict:
+    """``cfg.train`` as a dict without the keys that cannot change a result (for fingerprints)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RUN_ONLY_KEYS}
+
+
+def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:
+    """What a fold's result depends on: data, folds, task, metric, training and augmentation."""
+    paths = Paths(cfg)
+    train = result_train_config(cfg)
+    part = {"data": dataclasses.asdict(cfg.data), "metric": cfg.metric, "train": train,
+            "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "fold": fold,
+            "lr_schedule": LR_SCHEDULE}
+    inputs = [paths.folds_csv, paths.sample_submission] + ([paths.train_csv] if paths.train_csv else [])
+    if bcfg.weights.startswith(PRETRAINED):  # a re-run of the pretrain stage retrains the folds
+        inputs.append(pretrained_file(bcfg.weights, paths.exp_dir))
+    if cfg.train.pseudo_labels:  # a changed pseudo-label set retrains the folds
+        inputs.append(Path(cfg.train.pseudo_labels))
+    return artifacts.fingerprint(part, inputs)
+
+
+def fold_is_done(cfg: Config, bcfg: BackboneConfig, fold: int) -> bool:
+    fold_dir = Paths(cfg).fold_dir(bcfg.slug, fold)
+    return artifacts.is_up_to_date(fold_outputs(fold_dir, True), fold_digest(cfg, bcfg, fold))
+
+
+def total_epochs(train) -> int:
+    """Epochs a fold runs: the frozen ones (one for a linear probe) plus the unfrozen ones."""
+    return (1 if train.linear_probe else train.frozen.epochs) + train.unfrozen.epochs
