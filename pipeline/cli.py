@@ -183,8 +183,12 @@ def run(args: argparse.Namespace) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline.data.images import restored_image_limit
+    from pipeline.engine.fit import restored_torch_flags
+
     try:
-        run(args)
+        with restored_image_limit(), restored_torch_flags():  # a command leaves the process as it found it
+            run(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

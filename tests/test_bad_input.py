@@ -414,14 +414,14 @@ def test_max_image_pixels_must_be_positive_or_null(make_config):
 
 
 def _poison_validation(monkeypatch, phase_to_poison: str) -> None:
-    original = FoldTrainer._end_epoch
+    original = FoldTrainer.end_epoch
 
     def poisoned(self, epoch, phase, lrs, stats, valid_logits, optimizer):
         if phase == phase_to_poison:
             valid_logits = valid_logits + float("inf")
         return original(self, epoch, phase, lrs, stats, valid_logits, optimizer)
 
-    monkeypatch.setattr(FoldTrainer, "_end_epoch", poisoned)
+    monkeypatch.setattr(FoldTrainer, "end_epoch", poisoned)
 
 
 def test_nan_validation_outputs_stop_the_fold_and_keep_the_last_good_epoch(make_config, monkeypatch,

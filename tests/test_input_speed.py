@@ -60,17 +60,17 @@ def test_the_cache_file_is_built_once_and_shared_by_every_fold(make_config, monk
     monkeypatch.setattr(ImageCache, "build", staticmethod(lambda *a, **k: builds.append(a[0]) or original(*a, **k)))
     first, second = _trainer(cfg, 0, test=True), _trainer(cfg, 1)
     files = sorted((Paths(cfg).exp_dir / "cache").glob("images-*.npy"))
-    assert len(files) == 1 and first.cache.path == second.cache.path == files[0]
-    assert isinstance(first.cache.array, np.memmap)
+    assert len(files) == 1 and first.data.cache.path == second.data.cache.path == files[0]
+    assert isinstance(first.data.cache.array, np.memmap)
     assert "decoded once" in capsys.readouterr().out
-    first._dataset(np.arange(3), train=False, test=True)  # the test images: a second file, at first use
+    first.data.dataset(np.arange(3), train=False, test=True)  # the test images: a second file, at first use
     assert len(list((Paths(cfg).exp_dir / "cache").glob("images-*.npy"))) == 2
     assert builds[0] == files[0] and len(builds) == 2  # the second fold found the train file built
     table = read_folds(cfg)
     resize = eval_transform(first.dc["size"], first.dc["interpolation"], cfg.augment.resize)
     for i in (0, len(table) - 1):
         expected = resize(image=load_image(table[PATH][i]))["image"].permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(first.cache[i], expected)
+        np.testing.assert_array_equal(first.data.cache[i], expected)
 
 
 def _build(args) -> bool:
@@ -104,8 +104,8 @@ def test_a_cache_that_would_fill_the_disk_is_skipped(make_config, monkeypatch, c
     cfg = make_config(*FAST, "train.cache_images=true")
     monkeypatch.setattr(ImageCache, "fits_on_disk", staticmethod(lambda *a: False))
     trainer = _trainer(cfg)
-    assert trainer.cache is None and "reading the image files instead" in capsys.readouterr().out
-    assert trainer._dataset(np.arange(2), train=False)[0][0].shape[0] == 3
+    assert trainer.data.cache is None and "reading the image files instead" in capsys.readouterr().out
+    assert trainer.data.dataset(np.arange(2), train=False)[0][0].shape[0] == 3
 
 
 # ---------------------------------------------------------------------------- reduced JPEG decoding
@@ -164,18 +164,18 @@ def test_stacked_tta_views_give_the_per_view_logits():
 
 def test_a_fold_keeps_one_evaluation_loader_and_predicts_as_before(make_config):
     trainer = _trainer(make_config(*FAST))
-    rows = trainer.valid_idx
-    loader = trainer._eval_loader(rows, False)
-    assert trainer._eval_loader(rows, False) is loader and loader.batch_size == 2 * trainer.batch_size
+    rows = trainer.data.valid_idx
+    loader = trainer.data.eval_loader(rows, False)
+    assert trainer.data.eval_loader(rows, False) is loader and loader.batch_size == 2 * trainer.data.batch_size
     trainer.final_model = trainer.model
     views = ("identity", "hflip")
-    new = trainer._predict(trainer.model, rows, views=views)
-    before = torch.utils.data.DataLoader(trainer._dataset(rows, train=False), batch_size=trainer.batch_size)
-    old = predict_logits(trainer.model, before, trainer.rt, views, max_images=trainer.batch_size)
+    new = trainer.predict(trainer.model, rows, views=views)
+    before = torch.utils.data.DataLoader(trainer.data.dataset(rows, train=False), batch_size=trainer.data.batch_size)
+    old = predict_logits(trainer.model, before, trainer.rt, views, max_images=trainer.data.batch_size)
     for n, o in zip(new, old):
         torch.testing.assert_close(n, o, rtol=1e-4, atol=1e-5)
     oof, _ = trainer.predictions()
-    assert len(oof) == len(rows) and "_eval_loaders" not in trainer.__dict__  # released after the last pass
+    assert len(oof) == len(rows) and trainer.data.open_eval_loaders == 0  # released after the last pass
 
 
 # ---------------------------------------------------------------------------- GPU settings (CUDA mocked)
@@ -221,10 +221,10 @@ def test_loader_workers_are_this_process_share_of_the_cores(monkeypatch, cuda, c
 
 def test_loaders_pin_memory_on_cuda(make_config):
     trainer = _trainer(make_config(*FAST))
-    dataset = trainer._dataset(trainer.valid_idx, train=False)
-    assert trainer._loader(dataset).pin_memory is False
-    trainer.rt = Runtime(torch.device("cuda"), trainer.rt.mean, trainer.rt.std)  # only its device type is read
-    assert trainer._loader(dataset).pin_memory is True
+    dataset = trainer.data.dataset(trainer.data.valid_idx, train=False)
+    assert trainer.data.loader(dataset).pin_memory is False
+    trainer.data.rt = Runtime(torch.device("cuda"), trainer.rt.mean, trainer.rt.std)  # only its device type is read
+    assert trainer.data.loader(dataset).pin_memory is True
 
 
 # ---------------------------------------------------------------------------- bundled weights

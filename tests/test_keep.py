@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core import artifacts
-from pipeline.engine import features
 from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.stages.folds import run_folds
 from pipeline.config.paths import Paths
+from pipeline.engine.features import FeatureStore
+from pipeline.training.fold_state import FoldState
 from pipeline.training.trainer import FoldJob, FoldTrainer
 from pipeline.stages.train import run_train
 
@@ -36,13 +37,13 @@ def test_keep_best_takes_the_best_epoch_and_last_the_final_one(make_config, monk
     cfg = make_config(*FAST, "train.frozen.epochs=1", "train.unfrozen.epochs=3", f"train.keep={keep}")
     trainer = FoldTrainer(_job(cfg))
     saved = {}
-    original = FoldTrainer._keep
+    original = FoldState.keep
 
     def remember(self, model):  # the weights each epoch leaves behind, by epoch
-        saved[self.state["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        saved[self.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
         original(self, model)
 
-    monkeypatch.setattr(FoldTrainer, "_keep", remember)
+    monkeypatch.setattr(FoldState, "keep", remember)
     _scripted_scores(monkeypatch, [0.5, 0.9, 0.6, 0.7])  # epochs 0 (frozen) .. 3
     result = trainer.run()
     assert result.kept.startswith(f"epoch {kept_epoch}")
@@ -66,13 +67,13 @@ def test_keep_swa_averages_the_last_epochs_weights(make_config, monkeypatch):
                       "train.swa_epochs=2", "train.freeze_bn=true")
     trainer = FoldTrainer(_job(cfg))
     snapshots = {}
-    original = FoldTrainer._swa_update
+    original = FoldTrainer.swa_update
 
     def remember(self):
-        snapshots[self.state["swa_count"]] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        snapshots[self.state.swa_count] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         original(self)
 
-    monkeypatch.setattr(FoldTrainer, "_swa_update", remember)
+    monkeypatch.setattr(FoldTrainer, "swa_update", remember)
     result = trainer.run()
     assert sorted(snapshots) == [0, 1] and result.kept == "swa of 2 unfrozen epochs"
     final = trainer.final_model.state_dict()
@@ -86,9 +87,9 @@ def test_keep_swa_recomputes_batchnorm_statistics(make_config):
     cfg = make_config(*FAST, "train.frozen.epochs=1", "train.unfrozen.epochs=2", "train.keep=swa")
     trainer = FoldTrainer(_job(cfg))
     trainer.run()
-    assert trainer.swa is not None
-    bn = [k for k in trainer.swa if k.endswith("running_var")][0]
-    assert not torch.equal(trainer.final_model.state_dict()[bn], trainer.swa[bn].to(trainer.final_model.state_dict()[bn].dtype))
+    assert trainer.state.swa is not None
+    bn = [k for k in trainer.state.swa if k.endswith("running_var")][0]
+    assert not torch.equal(trainer.final_model.state_dict()[bn], trainer.state.swa[bn].to(trainer.final_model.state_dict()[bn].dtype))
 
 
 def test_keep_swa_resumes_to_the_same_weights(make_config, tmp_path, monkeypatch):
@@ -97,7 +98,7 @@ def test_keep_swa_resumes_to_the_same_weights(make_config, tmp_path, monkeypatch
     run_folds(straight)
     run_train(straight, fold=0)
     resumed = make_config(*words, f"runs_dir={tmp_path / 'resumed'}")
-    original = FoldTrainer._end_epoch
+    original = FoldTrainer.end_epoch
 
     def die_after_epoch_2(self, epoch, *args, **kwargs):
         stop = original(self, epoch, *args, **kwargs)
@@ -105,10 +106,10 @@ def test_keep_swa_resumes_to_the_same_weights(make_config, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return stop
 
-    monkeypatch.setattr(FoldTrainer, "_end_epoch", die_after_epoch_2)
+    monkeypatch.setattr(FoldTrainer, "end_epoch", die_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run_train(resumed, fold=0)
-    monkeypatch.setattr(FoldTrainer, "_end_epoch", original)
+    monkeypatch.setattr(FoldTrainer, "end_epoch", original)
     run_train(resumed, fold=0)
     name = straight.backbones[0].name
     a = load_file(str(Paths(straight).fold_dir(name, 0) / "best.safetensors"))
@@ -156,12 +157,12 @@ def test_frozen_only_predicts_from_cached_features_equal_to_the_model(make_confi
     run_folds(cfg)
     table = read_folds(cfg)
     test = read_test_table(cfg)
-    features.clear_memory()  # features of the same images from another test would hide the passes
+    store = FeatureStore()  # the run's store: both folds share it, as run_train's folds do
     calls = []
     trainers = []
     for fold in (0, 1):
         trainer = FoldTrainer(FoldJob(cfg, cfg.backbones[0], task_spec(cfg, table), table, fold, test=test,
-                                      progress=False))
+                                      progress=False, store=store))
         forward = trainer.model.forward_features
         trainer.model.forward_features = lambda x, f=forward: (calls.append(len(x)), f(x))[1]
         trainers.append((trainer, trainer.run()))

@@ -132,3 +132,18 @@ def test_no_module_uses_another_modules_private_names():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 private.append(f"{source} (line {node.lineno}) uses {aliases[node.value.id]}.{node.attr}")
     assert not private, "private names used across modules:\n" + "\n".join(private)
+
+
+def test_no_private_attribute_of_another_object_is_used():
+    """``trainer._loader(...)`` from a benchmark is a private name used across modules too: only
+    ``self``/``cls`` (and third-party modules, whose privates are their business) may be reached
+    through for a ``_name``."""
+    found = []
+    for source, tree in modules().items():
+        outside = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if not a.name.startswith("pipeline")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id not in {"self", "cls", *outside}):
+                found.append(f"{source} (line {node.lineno}): {node.value.id}.{node.attr}")
+    assert not found, "private attributes used from outside their object:\n" + "\n".join(found)

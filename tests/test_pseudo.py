@@ -59,7 +59,7 @@ def test_pseudo_rows_train_their_fold_and_are_never_validated_or_scored(source, 
     def spy(self, job):  # the rows each fold of the new experiment trains and validates on
         original(self, job)
         if job.out_dir is not None:
-            seen[job.fold] = (job.table.iloc[self.train_idx], job.table.iloc[self.valid_idx])
+            seen[job.fold] = (job.table.iloc[self.data.train_idx], job.table.iloc[self.data.valid_idx])
 
     monkeypatch.setattr(train_module.FoldTrainer, "__init__", spy)
     config_path = pseudo_experiment(cfg, "weighted", threshold=0.1)  # 10 classes: every row passes 0.1

@@ -17,7 +17,7 @@ from pipeline.engine import checkpoints, fit
 from pipeline.config.schema import PhaseConfig, TrainConfig, config_from_dict
 from pipeline.core.errors import PipelineError
 from pipeline.engine.fit import Runtime, Stepper, build_scheduler, choose_amp_dtype
-from pipeline.training.trainer import FoldTrainer
+from pipeline.training.phases import make_ema
 
 LR, MIN = 1e-2, 0.01
 
@@ -155,12 +155,7 @@ def test_a_real_grad_scaler_round_trips_and_none_is_fine(tmp_path):
 # ---------------------------------------------------------------------------- compile, deterministic
 
 
-@pytest.fixture
-def fresh_compile(monkeypatch):
-    monkeypatch.setattr(fit._CompileOrEager, "broken", None)
-
-
-def test_compile_wraps_the_model_once_and_keeps_its_state_dict_keys(monkeypatch, fresh_compile):
+def test_compile_wraps_the_model_once_and_keeps_its_state_dict_keys(monkeypatch):
     calls = []
 
     class Compiled(nn.Module):  # stands in for torch.compile's OptimizedModule (prefixed keys)
@@ -184,7 +179,7 @@ def test_compile_wraps_the_model_once_and_keeps_its_state_dict_keys(monkeypatch,
     assert off.maybe_compile(model) is model
 
 
-def test_predictions_run_through_the_compiled_model(monkeypatch, fresh_compile):
+def test_predictions_run_through_the_compiled_model(monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda m: (lambda x: seen.append(x.shape) or m(x)))
     rt = Runtime(torch.device("cpu"), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), compile=True)
@@ -194,7 +189,7 @@ def test_predictions_run_through_the_compiled_model(monkeypatch, fresh_compile):
     assert [s[0] for s in seen] == [10]  # both views of the batch in one forward pass
 
 
-def test_a_failing_compile_says_so_once_and_runs_uncompiled(monkeypatch, capsys, fresh_compile):
+def test_a_failing_compile_says_so_once_and_runs_uncompiled(monkeypatch, capsys):
     def broken(model):
         def call(*args):
             raise RuntimeError("InductorError: no working C compiler found\nlong traceback")
@@ -208,9 +203,13 @@ def test_a_failing_compile_says_so_once_and_runs_uncompiled(monkeypatch, capsys,
     torch.testing.assert_close(rt.maybe_compile(nn.Linear(3, 2))(x).shape, model(x).shape)
     out = capsys.readouterr().out
     assert out.count("train.compile:") == 1 and "no working C compiler" in out and "running uncompiled" in out
+    assert rt.compile_failure is not None
+    other = Runtime(torch.device("cpu"), torch.zeros(1), torch.ones(1), compile=True)  # another fold's runtime
+    other.maybe_compile(model)(x)
+    assert capsys.readouterr().out.count("train.compile:") == 1  # it tried again, on its own
 
 
-def test_unsupported_compile_is_one_line(monkeypatch, capsys, fresh_compile):
+def test_unsupported_compile_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(fit, "_compile_unsupported", lambda: "torch 2.1 does not support torch.compile on Python 3.13")
     monkeypatch.setattr(torch, "compile", lambda m: pytest.fail("must not compile"))
     rt = Runtime(torch.device("cpu"), torch.zeros(1), torch.ones(1), compile=True)
@@ -219,8 +218,7 @@ def test_unsupported_compile_is_one_line(monkeypatch, capsys, fresh_compile):
     assert capsys.readouterr().out.strip().count("\n") == 0
 
 
-def test_train_compile_is_used_for_the_unfrozen_forward_and_predictions(make_config, tmp_path, monkeypatch,
-                                                                        fresh_compile):
+def test_train_compile_is_used_for_the_unfrozen_forward_and_predictions(make_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from pipeline.stages.folds import run_folds
@@ -272,7 +270,7 @@ def test_ema_follows_a_short_run():
     model = nn.Linear(8, 1)
     initial = torch.cat([p.detach().clone().flatten() for p in model.parameters()])
     tcfg = TrainConfig(ema=True)
-    ema = FoldTrainer._make_ema(SimpleNamespace(tcfg=tcfg, model=model))
+    ema = make_ema(tcfg, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     rt = Runtime(torch.device("cpu"), torch.zeros(1), torch.ones(1))
     stepper = Stepper(optimizer, None, rt, tcfg, model.parameters(), ema)

@@ -140,7 +140,7 @@ def test_a_run_killed_after_one_epoch_resumes_to_the_same_result(make_config, tm
     run_train(straight, fold=0)
 
     resumed = make_config(*words, f"runs_dir={tmp_path / 'resumed'}")
-    original = FoldTrainer._end_epoch
+    original = FoldTrainer.end_epoch
 
     def end_epoch_then_die(self, epoch, *args, **kwargs):
         stop = original(self, epoch, *args, **kwargs)
@@ -148,12 +148,12 @@ def test_a_run_killed_after_one_epoch_resumes_to_the_same_result(make_config, tm
             raise KeyboardInterrupt
         return stop
 
-    monkeypatch.setattr(FoldTrainer, "_end_epoch", end_epoch_then_die)
+    monkeypatch.setattr(FoldTrainer, "end_epoch", end_epoch_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_train(resumed, fold=0)
     fold_dir = Paths(resumed).fold_dir(resumed.backbones[0].name, 0)
     assert (fold_dir / "resume.safetensors").exists() and not (fold_dir / "oof.csv").exists()
-    monkeypatch.setattr(FoldTrainer, "_end_epoch", original)
+    monkeypatch.setattr(FoldTrainer, "end_epoch", original)
     run_train(resumed, fold=0)
 
     a_dir = Paths(straight).fold_dir(straight.backbones[0].name, 0)
@@ -263,7 +263,7 @@ def test_adapt_bn_sets_the_first_batchnorm_to_the_data_statistics(make_config):
     cfg = make_config(*FAST, "train.adapt_bn=true", "train.unfrozen.epochs=1")
     trainer = FoldTrainer(_job(cfg))
     model = trainer.model
-    loader = trainer._loader(trainer._dataset(np.arange(len(trainer.job.table)), train=False))
+    loader = trainer.data.loader(trainer.data.dataset(np.arange(len(trainer.job.table)), train=False))
     with torch.no_grad():  # a cumulative average weighs every batch the same: average the batch statistics
         stems = [model.conv_stem(trainer.rt.images(x)) for x, _ in loader]
     bn = model.bn1

@@ -35,7 +35,7 @@ def main(config: str, folds: str, *overrides: str) -> None:
     y_test = spec.encode(solution.set_index(id_col).loc[test[id_col]].reset_index())
 
     def test_accuracy(trainer: FoldTrainer) -> float:
-        logits = trainer._predict(trainer.eval_model, np.arange(len(test)), test=True, views=cfg.augment.tta)
+        logits = trainer.predict(trainer.eval_model, np.arange(len(test)), test=True, views=cfg.augment.tta)
         return float(np.mean(activate_mean(spec, logits).argmax(1) == y_test))
 
     t = cfg.train
@@ -48,10 +48,10 @@ def main(config: str, folds: str, *overrides: str) -> None:
             trainer.linear_probe_phase()
         else:
             trainer.frozen_phase(t.frozen, 0)
-        n_frozen = len(trainer.state["history"])
+        n_frozen = len(trainer.state.history)
         frozen_test = test_accuracy(trainer)
         trainer.unfrozen_phase(t.unfrozen, n_frozen, n_frozen)
-        history, key = trainer.state["history"], f"valid_{cfg.metric}"
+        history, key = trainer.state.history, f"valid_{cfg.metric}"
         print(json.dumps({"fold": fold, "overrides": list(overrides),
                           "frozen_valid": round(history[n_frozen - 1][key], 4),
                           "unfrozen_valid": [round(r[key], 4) for r in history[n_frozen:]],

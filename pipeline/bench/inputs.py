@@ -41,6 +41,7 @@ from pipeline.engine.fit import (
     predict_logits,
     run_batches,
 )
+from pipeline.training import phases
 
 
 def scaled_copy(cfg: Config, side: int, root: Path) -> Config:
@@ -81,10 +82,10 @@ def _trainer(cfg: Config, rows: int | None, size: int, cache: bool, workers: int
 def _in_memory(trainer, rows: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The rows decoded and resized once, normalised on the device, in training batches: what the
     bare loops are fed."""
-    ds = trainer._dataset(rows, train=False)
+    ds = trainer.data.dataset(rows, train=False)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.as_tensor(trainer.y[rows])
-    b = trainer.batch_size
+    y = torch.as_tensor(trainer.data.y[rows])
+    b = trainer.data.batch_size
     return [(trainer.rt.images(x[i:i + b]), y[i:i + b].to(trainer.rt.device)) for i in range(0, len(x), b)]
 
 
@@ -112,23 +113,22 @@ def bench_epoch(trainer, repeats: int) -> dict:
     t = trainer
     phase = t.tcfg.unfrozen
     optimizer = build_optimizer(t.model, t.tcfg, phase, frozen=False)
-    steps = -(-len(t.train_idx) // t.batch_size)
+    steps = -(-len(t.data.train_idx) // t.data.batch_size)
     stepper = Stepper(optimizer, build_scheduler(optimizer, phase, steps), t.rt, t.tcfg, t.model.parameters(),
                       steps_per_epoch=steps)
-    ds = t._dataset(t.train_idx, train=True)
+    ds = t.data.dataset(t.data.train_idx, train=True)
     sampler = SeededSampler(len(ds))
-    loader = t._loader(ds, sampler=sampler, persistent=True)
-    t.net = t.model
-    bare_data = _in_memory(t, t.train_idx)
+    loader = t.data.loader(ds, sampler=sampler, persistent=True)
+    bare_data = _in_memory(t, t.data.train_idx)
     bare_opt = torch.optim.AdamW(t.model.parameters(), lr=1e-5)
 
     def pipeline_epoch():
         sampler.set_epoch(sampler.seed + 1)
-        t._train_mode()
-        run_batches(loader, lambda b: t._model_loss(b, None), stepper, len(loader), "bench", progress=False)
+        phases.train_mode(t.model, t.tcfg)
+        run_batches(loader, lambda b: phases.model_loss(t, t.model, b, None), stepper, len(loader), "bench", progress=False)
 
     def bare_epoch():
-        t._train_mode()
+        phases.train_mode(t.model, t.tcfg)
         for x, y in bare_data:
             with t.rt.autocast():
                 loss = F.cross_entropy(t.model(x).float(), y.long())
@@ -139,9 +139,9 @@ def bench_epoch(trainer, repeats: int) -> dict:
     pipeline_epoch()  # warm-up: allocations, loader workers, cudnn autotuning
     bare_epoch()
     times = _best({"pipeline": pipeline_epoch, "bare": bare_epoch}, repeats)
-    n = len(t.train_idx)
+    n = len(t.data.train_idx)
     return {"pipeline_img_s": n / times["pipeline"], "bare_img_s": n / times["bare"], "images": n,
-            "workers": t.workers}
+            "workers": t.data.workers}
 
 
 def bench_loader(trainer, workers: tuple[int, ...]) -> dict[int, float]:
@@ -149,10 +149,10 @@ def bench_loader(trainer, workers: tuple[int, ...]) -> dict[int, float]:
     loader (workers already started, as from the second epoch on)."""
     rates = {}
     for w in workers:
-        trainer.workers = w
-        ds = trainer._dataset(np.arange(len(trainer.job.table)), train=True)
+        trainer.data.workers = w
+        ds = trainer.data.dataset(np.arange(len(trainer.job.table)), train=True)
         sampler = SeededSampler(len(ds))
-        loader = trainer._loader(ds, sampler=sampler, persistent=True)
+        loader = trainer.data.loader(ds, sampler=sampler, persistent=True)
         for _ in loader:  # start-up pass
             pass
         sampler.set_epoch(1)
@@ -180,10 +180,10 @@ def bench_predict(trainer, views: tuple[str, ...], repeats: int) -> dict:
             with t.rt.autocast():
                 model(x)
 
-    per_view = torch.utils.data.DataLoader(t._dataset(rows, train=False), batch_size=t.batch_size,
-                                           num_workers=t.workers, pin_memory=t.rt.cuda)
-    fns = {"pipeline": lambda: t._predict(model, rows, views=views), "bare": bare,
-           "per_view": lambda: predict_logits(model, per_view, t.rt, views, max_images=t.batch_size)}
+    per_view = torch.utils.data.DataLoader(t.data.dataset(rows, train=False), batch_size=t.data.batch_size,
+                                           num_workers=t.data.workers, pin_memory=t.rt.cuda)
+    fns = {"pipeline": lambda: t.predict(model, rows, views=views), "bare": bare,
+           "per_view": lambda: predict_logits(model, per_view, t.rt, views, max_images=t.data.batch_size)}
     fns["pipeline"]()  # warm-up: the persistent evaluation loader, the cache's pages
     times = _best(fns, repeats)
     n = len(rows)
@@ -424,15 +424,15 @@ def timeline(cfg: Config, unfrozen_epochs: int = 1) -> list[tuple[str, float, st
     else:
         timed("frozen phase", "the head's epochs on cached features", lambda: trainer.frozen_phase(c.train.frozen, 0))
     timed("unfrozen epoch", "", lambda: trainer.unfrozen_phase(c.train.unfrozen, n_frozen, n_frozen))
-    rows = [r for r in trainer.state["history"] if r["phase"] == "unfrozen"]
+    rows = [r for r in trainer.state.history if r["phase"] == "unfrozen"]
     loop = sum(r["seconds"] for r in rows)
     name, total, _ = steps.pop()
-    steps.append(("unfrozen epoch: train loop", loop, f"{len(trainer.train_idx)} images forward+backward through "
+    steps.append(("unfrozen epoch: train loop", loop, f"{len(trainer.data.train_idx)} images forward+backward through "
                                                       f"the train loader, per epoch"))
     steps.append(("unfrozen epoch: validation + checkpoint", total - loop,
-                  f"{len(trainer.valid_idx)} validation images, scoring, best/resume checkpoints"))
-    trainer._describe_kept()
-    trainer._load_best()
-    timed("predictions", f"OOF ({len(trainer.valid_idx)}) and test ({len(test)}) images x "
+                  f"{len(trainer.data.valid_idx)} validation images, scoring, best/resume checkpoints"))
+    trainer.state.describe_kept(c.train.linear_probe)
+    trainer.final_model = trainer.state.load_best(trainer.eval_model)
+    timed("predictions", f"OOF ({len(trainer.data.valid_idx)}) and test ({len(test)}) images x "
                          f"{len(c.augment.tta)} TTA views", trainer.predictions)
     return steps

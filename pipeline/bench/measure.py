@@ -115,7 +115,7 @@ def bench_frozen_phase(cfg: Config, epochs: int, image_size: int | None = None, 
     resolution; so the ratio to one forward pass is lowest at realistic resolutions and highest
     on tiny images (the demo's 48 px), where the forward pass itself takes about a second."""
     from pipeline.data.tables import read_folds, task_spec
-    from pipeline.engine import features
+    from pipeline.engine.features import FeatureStore
     from pipeline.stages.folds import run_folds
     from pipeline.training.trainer import FoldJob, FoldTrainer
 
@@ -129,16 +129,17 @@ def bench_frozen_phase(cfg: Config, epochs: int, image_size: int | None = None, 
     def phase(cache: bool) -> float:
         """Seconds of every fold's frozen phase; the trainers (model creation, weight loading: the
         same with or without the cache, and outside the bare pass too) are built before the clock."""
-        features.clear_memory()
         c = cfg.replace(train=dataclasses.replace(base, cache_features=cache))
-        trainers = [FoldTrainer(FoldJob(c, bcfg, spec, table, k, progress=False)) for k in range(cfg.folds.n_splits)]
+        store = FeatureStore()  # a fresh run: the folds share it, as run_train's do
+        trainers = [FoldTrainer(FoldJob(c, bcfg, spec, table, k, progress=False, store=store))
+                    for k in range(cfg.folds.n_splits)]
         start = time.perf_counter()
         for trainer in trainers:
             trainer.frozen_phase(c.train.frozen, 0)
         return time.perf_counter() - start
 
     trainer = FoldTrainer(FoldJob(cfg, bcfg, spec, table, 0, progress=False))
-    loader = trainer._loader(trainer._dataset(np.arange(len(table)), train=False))
+    loader = trainer.data.loader(trainer.data.dataset(np.arange(len(table)), train=False))
     bare = _timed(lambda: predict_logits(trainer.model, loader, trainer.rt), 2)
     cached = min(phase(True), phase(True))  # best of two, like the bare pass (each recomputes the features)
     full = phase(False) if through_model else float("nan")
@@ -151,7 +152,7 @@ def bench_frozen_only(cfg: Config, image_size: int | None = None) -> dict:
     with TTA) vs one bare forward pass over the train and test images per view: the frozen-only
     path sends each image and view through the backbone once per backbone, not once per fold."""
     from pipeline.data.tables import read_folds, read_test_table, task_spec
-    from pipeline.engine import features
+    from pipeline.engine.features import FeatureStore
     from pipeline.stages.folds import run_folds
     from pipeline.training.trainer import FoldJob, FoldTrainer
 
@@ -161,16 +162,16 @@ def bench_frozen_only(cfg: Config, image_size: int | None = None) -> dict:
     bcfg = cfg.backbones[0] if image_size is None else dataclasses.replace(cfg.backbones[0], image_size=image_size)
     c = cfg.replace(train=dataclasses.replace(cfg.train, linear_probe=True, unfrozen=dataclasses.replace(
         cfg.train.unfrozen, epochs=0)), augment=dataclasses.replace(cfg.augment, tta=["identity", "hflip"]))
-    features.clear_memory()
-    trainers = [FoldTrainer(FoldJob(c, bcfg, spec, table, k, test=test, progress=False))
+    store = FeatureStore()
+    trainers = [FoldTrainer(FoldJob(c, bcfg, spec, table, k, test=test, progress=False, store=store))
                 for k in range(c.folds.n_splits)]
     start = time.perf_counter()
     for trainer in trainers:
         trainer.run()
     stage = time.perf_counter() - start
     trainer = trainers[0]
-    loaders = [trainer._loader(trainer._dataset(np.arange(len(table)), train=False)),
-               trainer._loader(trainer._dataset(np.arange(len(test)), train=False, test=True))]
+    loaders = [trainer.data.loader(trainer.data.dataset(np.arange(len(table)), train=False)),
+               trainer.data.loader(trainer.data.dataset(np.arange(len(test)), train=False, test=True))]
     bare = _timed(lambda: [predict_logits(trainer.model, loader, trainer.rt, c.augment.tta) for loader in loaders], 2)
     return {"stage_s": stage, "bare_forward_s": bare, "folds": c.folds.n_splits, "images": len(table) + len(test),
             "views": len(c.augment.tta), "size": trainer.dc["size"]}

@@ -150,8 +150,8 @@ def _fold_trajectory(cfg: Config, table, spec, test, fold: int) -> dict:
     def record(epoch: int, value: float) -> None:
         model = trainer.eval_model
         epochs.append({"epoch": epoch, "valid_score": value,
-                       "valid": activate_mean(spec, trainer._predict(model, trainer.valid_idx, views=views)),
-                       "test": activate_mean(spec, trainer._predict(model, np.arange(len(test)), True, views))})
+                       "valid": activate_mean(spec, trainer.predict(model, trainer.data.valid_idx, views=views)),
+                       "test": activate_mean(spec, trainer.predict(model, np.arange(len(test)), True, views))})
 
     job.report = record
     trainer = FoldTrainer(job)
@@ -159,7 +159,7 @@ def _fold_trajectory(cfg: Config, table, spec, test, fold: int) -> dict:
     result = trainer.run()
     frozen = [row for row in result.history if row["phase"] == "frozen"]
     swa_valid = spec.predictions_from_frame(result.oof.drop(columns=["fold"]))
-    return {"valid_idx": trainer.valid_idx, "epochs": epochs, "n_frozen": len(frozen),
+    return {"valid_idx": trainer.data.valid_idx, "epochs": epochs, "n_frozen": len(frozen),
             "frozen_train_loss": frozen[-1]["train_loss"] if frozen else float("nan"),
             "batch_losses": trainer.batch_losses, "swa": {"valid": swa_valid,
                                                           "test": spec.predictions_from_frame(result.test)}}

@@ -6,6 +6,7 @@ import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -31,6 +32,20 @@ def set_image_limit(cfg: Config) -> None:
     Image.MAX_IMAGE_PIXELS = limit
     if limit is None or limit > OPENCV_MAX_PIXELS:
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(limit or 1 << 62)
+
+
+@contextmanager
+def restored_image_limit():
+    """The decoders' pixel limits as they were before a stage set them (:func:`set_image_limit`)."""
+    pillow, opencv = Image.MAX_IMAGE_PIXELS, os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow
+        if opencv is None:
+            os.environ.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
+        else:
+            os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = opencv
 
 
 def _pixels_in(message: str) -> int | None:

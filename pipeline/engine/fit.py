@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -47,6 +47,7 @@ class Runtime:
     scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
     compile: bool = False
     _compiled: dict = field(default_factory=dict, repr=False)
+    compile_failure: str | None = None  # why torch.compile failed here: this runtime stops trying
 
     @classmethod
     def create(cls, tcfg: TrainConfig, mean, std, device: str | None = None) -> "Runtime":
@@ -91,7 +92,7 @@ class Runtime:
         if not self.compile:
             return model
         if id(model) not in self._compiled:
-            self._compiled[id(model)] = (model, _CompileOrEager(model))  # the model kept alive: ids stay unique
+            self._compiled[id(model)] = (model, CompileOrEager(model, self))  # the model kept alive: ids stay unique
         return self._compiled[id(model)][1]
 
 
@@ -119,6 +120,25 @@ def set_cudnn(tcfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+@contextmanager
+def restored_torch_flags():
+    """The process-wide settings a run may change (``train.deterministic``, cuDNN's autotuner, the
+    cuBLAS workspace), put back as they were when the run ends: a tune trial or a benchmark in the
+    same process starts from the process's own settings, not the last run's."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
+
+
 def make_deterministic() -> None:
     """``train.deterministic``: deterministic kernels where torch has them (a warning, not an error,
     where it has none), cuDNN without autotuning, and cuBLAS's deterministic workspace. Slower."""
@@ -128,36 +148,35 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-class _CompileOrEager:
+class CompileOrEager:
     """Calls ``torch.compile(model)``; compilation happens at the first call (and at a new input
     shape), so that is where it can fail: then one line says why and the model runs eagerly.
-    After one failure the process stops trying (``broken``), so later folds do not pay again."""
+    After one failure its runtime (one fold) stops trying (``Runtime.compile_failure``), so the
+    fold's later models and epochs do not pay again."""
 
-    broken: str | None = None
-
-    def __init__(self, model: nn.Module):
-        self.model, self.compiled = model, None
-        if _CompileOrEager.broken is None:
+    def __init__(self, model: nn.Module, runtime: "Runtime"):
+        self.model, self.runtime, self.compiled = model, runtime, None
+        if runtime.compile_failure is None:
             reason = _compile_unsupported()
             try:
                 self.compiled = None if reason else torch.compile(model)
             except Exception as exc:  # e.g. older torch on Windows or a new Python
                 reason = f"torch.compile is unsupported here ({type(exc).__name__}: {_first_line(exc)})"
             if reason:
-                self._give_up(reason)
+                self.give_up(reason)
 
     def __call__(self, *args, **kwargs):
-        if self.compiled is not None and _CompileOrEager.broken is None:
+        if self.compiled is not None and self.runtime.compile_failure is None:
             try:
                 return self.compiled(*args, **kwargs)
             except torch.OutOfMemoryError:
                 raise  # not the compiler's fault
             except Exception as exc:  # dynamo/inductor raise many types (no C compiler, no Triton, ...)
-                self._give_up(f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})")
+                self.give_up(f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})")
         return self.model(*args, **kwargs)
 
-    def _give_up(self, reason: str) -> None:
-        _CompileOrEager.broken, self.compiled = reason, None
+    def give_up(self, reason: str) -> None:
+        self.runtime.compile_failure, self.compiled = reason, None
         print(f"train.compile: {reason}; running uncompiled")
 
     def __getattr__(self, name):  # train()/eval() and friends act on the model

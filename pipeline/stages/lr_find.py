@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from pipeline.config.paths import Paths
+from pipeline.config.run_only import digest_section
 from pipeline.config.schema import Config
 from pipeline.core import artifacts
 from pipeline.data.datasets import SeededSampler
@@ -51,7 +52,12 @@ from pipeline.engine.backbones import (
     pooled_features,
     set_frozen,
 )
-from pipeline.engine.fit import Stepper, build_optimizer, seed_everything
+from pipeline.engine.fit import (
+    Stepper,
+    build_optimizer,
+    restored_torch_flags,
+    seed_everything,
+)
 from pipeline.training.fingerprint import result_train_config
 from pipeline.training.trainer import FoldJob, FoldTrainer
 from pipeline.training.tuned import apply_tuned
@@ -147,10 +153,10 @@ def _index_batches(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.
 def _image_batches(trainer: FoldTrainer, augment: bool, seed: int) -> Iterator:
     """Shuffled (images, targets) batches of the train rows, epoch after epoch (the train stage's
     loader and per-row augmentation seeds)."""
-    dataset = trainer._dataset(trainer.train_idx, train=augment)
-    drop_last = len(dataset) > trainer.batch_size  # no BatchNorm batch of one
+    dataset = trainer.data.dataset(trainer.data.train_idx, train=augment)
+    drop_last = len(dataset) > trainer.data.batch_size  # no BatchNorm batch of one
     sampler = SeededSampler(len(dataset))
-    loader = trainer._loader(dataset, sampler=sampler, drop_last=drop_last, persistent=True)
+    loader = trainer.data.loader(dataset, sampler=sampler, drop_last=drop_last, persistent=True)
     epoch = 0
     while True:
         sampler.set_epoch(seed + epoch)
@@ -166,10 +172,10 @@ def sweep_frozen(trainer: FoldTrainer, lrs: np.ndarray, seed: int) -> tuple[pd.D
     head = model.get_classifier()
     optimizer = build_optimizer(model, tcfg, tcfg.frozen, frozen=True)
     stepper = Stepper(optimizer, None, rt, tcfg, head.parameters())
-    y = trainer.y_t.to(rt.device)
+    y = trainer.data.y_t.to(rt.device)
     if trainer.use_feature_cache():
         feats = trainer.frozen_features()
-        batches = _index_batches(trainer.train_idx, trainer.batch_size, seed)
+        batches = _index_batches(trainer.data.train_idx, trainer.data.batch_size, seed)
 
         def inputs():
             idx = torch.as_tensor(next(batches), device=feats.device)
@@ -216,17 +222,18 @@ def sweep_unfrozen(trainer: FoldTrainer, lrs: np.ndarray, seed: int) -> tuple[pd
 def lr_find_backbone(cfg: Config, bcfg, spec, table, lrs: np.ndarray, unfrozen_steps: int) -> dict:
     """Both sweeps for one backbone; returns ``{phase: (curve, stopped)}``."""
     job = FoldJob(cfg=cfg, bcfg=bcfg, spec=spec, table=table, fold=0, progress=False, feature_cache_dir=None)
-    trainer = FoldTrainer(job)
-    seed = seed_everything(cfg.train.seed, 0, 7919)
-    fresh_head = {k: v.detach().clone() for k, v in trainer.model.get_classifier().state_dict().items()}
-    curves = {"frozen": sweep_frozen(trainer, lrs, seed)}
-    trainer.model.get_classifier().load_state_dict(fresh_head)
-    if cfg.train.linear_probe:  # the unfrozen phase starts from the head the frozen phase hands over
-        trainer.linear_probe_phase()
-    elif cfg.train.frozen.epochs > 0:
-        trainer.frozen_phase(cfg.train.frozen, 0)
-    sweep = np.geomspace(lrs[0], lrs[-1], unfrozen_steps)
-    curves["unfrozen"] = sweep_unfrozen(trainer, sweep, seed)
+    with restored_torch_flags():
+        trainer = FoldTrainer(job)
+        seed = seed_everything(cfg.train.seed, 0, 7919)
+        fresh_head = {k: v.detach().clone() for k, v in trainer.model.get_classifier().state_dict().items()}
+        curves = {"frozen": sweep_frozen(trainer, lrs, seed)}
+        trainer.model.get_classifier().load_state_dict(fresh_head)
+        if cfg.train.linear_probe:  # the unfrozen phase starts from the head the frozen phase hands over
+            trainer.linear_probe_phase()
+        elif cfg.train.frozen.epochs > 0:
+            trainer.frozen_phase(cfg.train.frozen, 0)
+        sweep = np.geomspace(lrs[0], lrs[-1], unfrozen_steps)
+        curves["unfrozen"] = sweep_unfrozen(trainer, sweep, seed)
     del trainer, job
     gc.collect()
     if torch.cuda.is_available():
@@ -268,7 +275,7 @@ def plot_curves(curves: dict, suggestions: dict, path: Path, title: str) -> None
 def _digest(cfg: Config, bcfg, sweep: dict) -> str:
     paths = Paths(cfg)
     train = result_train_config(cfg)
-    part = {"data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"},
+    part = {"data": digest_section("data", {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"}),
             "backbone": dataclasses.asdict(bcfg), "train": train, "augment": dataclasses.asdict(cfg.augment),
             "sweep": sweep}
     return artifacts.fingerprint(part, [paths.folds_csv] + ([paths.train_csv] if paths.train_csv else []))

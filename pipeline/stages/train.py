@@ -28,6 +28,7 @@ from pipeline.data.images import check_images_readable, record_verified, verifie
 from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.domain.metrics import get_metric
 from pipeline.engine.backbones import check_model_name, check_weights
+from pipeline.engine.features import FeatureStore
 from pipeline.engine.fit import PROCESSES_ENV
 from pipeline.training.aggregate import (
     aggregate_backbone,
@@ -74,6 +75,7 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
     if main:  # everything is valid: the next train run (or fold process) skips decoding these images
         record_verified(table, verified_dir(cfg))
         record_verified(test, verified_dir(cfg))
+    store = FeatureStore()  # frozen features and BatchNorm statistics, shared by this run's folds
     for entry in backbones:
         bcfg_cfg, bcfg = cfg.variant(entry)
         bcfg_cfg, source = apply_tuned(bcfg_cfg, bcfg)
@@ -93,7 +95,7 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
             for k in todo:  # a fold that another run is training is skipped (core.locks)
                 with locks.hold(paths.fold_dir(bcfg.slug, k), f"fold {k} of {bcfg.slug}", "is being trained") as held:
                     if held and (force or not fold_is_done(bcfg_cfg, bcfg, k)):  # done by it meanwhile: skip
-                        _train_one(bcfg_cfg, bcfg, spec, fit_table, test, k)
+                        _train_one(bcfg_cfg, bcfg, spec, fit_table, test, k, store)
                 distributed.barrier()
         if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
             tuned_folds = list(cfg.tune.folds) if "tuned" in source else []
@@ -124,14 +126,14 @@ def _write_resolved(cfg: Config, bcfg: BackboneConfig, source: dict, bdir: Path)
                                                   "weight_decay": t.weight_decay})
 
 
-def _train_one(cfg: Config, bcfg: BackboneConfig, spec, table, test, k: int) -> FoldResult:
+def _train_one(cfg: Config, bcfg: BackboneConfig, spec, table, test, k: int, store: FeatureStore) -> FoldResult:
     paths = Paths(cfg)
     fold_dir = paths.fold_dir(bcfg.slug, k)
     if distributed.is_main():
         artifacts.write_text(fold_dir / "config.yaml", dump_config(cfg.replace(backbones=[bcfg])))
     start = time.perf_counter()
     job = FoldJob(cfg, bcfg, spec, table, k, test, fold_dir, fold_digest(cfg, bcfg, k),
-                  feature_cache_dir=paths.feature_cache_dir(bcfg.slug))
+                  feature_cache_dir=paths.feature_cache_dir(bcfg.slug), store=store)
     result = train_fold(job)
     tracking.log_fold(cfg, bcfg, k, result.history)
     for note in result.notes:
