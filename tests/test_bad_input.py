@@ -18,21 +18,20 @@ import warnings
 import pandas as pd
 import pytest
 import torch
+from conftest import ID_COLUMN, REPO_ROOT, write_dataset
 from PIL import Image
 
-from pipeline.core import artifacts
 from pipeline import cli
+from pipeline.config.paths import Paths
 from pipeline.config.schema import config_from_dict, dump_config
-from pipeline.data.tables import read_folds, read_test_table, read_train_table, task_spec
+from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError, os_error_message
+from pipeline.data.tables import read_folds, read_test_table, read_train_table, task_spec
 from pipeline.stages.folds import run_folds
 from pipeline.stages.leaderboard import run_leaderboard
-from pipeline.config.paths import Paths
 from pipeline.stages.submit import _best_cv
-from pipeline.training.trainer import FoldTrainer
 from pipeline.stages.train import run_train
-
-from conftest import ID_COLUMN, REPO_ROOT, write_dataset
+from pipeline.training.trainer import FoldTrainer
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from pipeline.config.paths import Paths
+from pipeline.stages.folds import run_folds
+from pipeline.stages.train import run_train
 from pipeline.training import budget
 from pipeline.training.budget import Plan, Speeds, plan_epochs
-from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
-from pipeline.stages.train import run_train
 
 SPEEDS = Speeds(train_img_s=100.0, infer_img_s=400.0)
 

@@ -6,12 +6,11 @@ import dataclasses
 
 import pytest
 import yaml
+from conftest import DEMO_CONFIG
 
 from pipeline.cli import main
 from pipeline.config.schema import FOLD_STRATEGIES, TASKS, Config, config_from_dict, dump_config, load_config
 from pipeline.core.errors import PipelineError
-
-from conftest import DEMO_CONFIG
 
 TOP_LEVEL_KEYS = [f.name for f in dataclasses.fields(Config)]
 

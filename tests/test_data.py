@@ -5,19 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.data.tables import read_folds, read_test_table, read_train_table, task_spec
-
-from pipeline.data.images import PATH
-from pipeline.data.datasets import ImageDataset
-from pipeline.data.images import load_image
-from pipeline.stages.demo_data import run_demo_data
-from pipeline.core.errors import PipelineError
-from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
-from pipeline.domain.tasks import TaskSpec
-
 from conftest import ID_COLUMN, write_dataset, write_png
+
+from pipeline.config.paths import Paths
+from pipeline.core.errors import PipelineError
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.images import PATH, load_image
+from pipeline.data.tables import read_folds, read_test_table, read_train_table, task_spec
+from pipeline.domain.tasks import TaskSpec
+from pipeline.stages.demo_data import run_demo_data
+from pipeline.stages.folds import run_folds
 
 
 def _nothing_written(cfg) -> None:
@@ -443,8 +440,9 @@ def test_demo_data_writes_kaggle_layout_and_is_skipped_on_rerun(make_config, tmp
 def test_images_are_decoded_once_per_unchanged_file_set(make_config, tmp_path, monkeypatch):
     """A checked image set is stamped under runs/.verified: re-reading the same files decodes
     nothing, and a changed file (new size or time) is decoded again."""
-    import pipeline.data.images as data_mod
     from conftest import write_dataset
+
+    import pipeline.data.images as data_mod
     from pipeline.data.tables import read_train_table
 
     cfg = make_config(data=write_dataset(tmp_path / "d", n_train=20, n_test=4))

@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.ensembles import blend as ensemble
+from pipeline.config.paths import Paths
 from pipeline.config.schema import ENSEMBLE_METHODS, config_from_dict
-from pipeline.data.tables import task_spec
 from pipeline.core.errors import PipelineError
+from pipeline.data.tables import task_spec
+from pipeline.domain.metrics import get_metric
+from pipeline.domain.tasks import TaskSpec
+from pipeline.ensembles import blend as ensemble
 from pipeline.ensembles.blend import Inputs, fit_weights, hill_climb, mean_blend, rank_blend, run_method
 from pipeline.stages.ensemble import run_ensemble
-from pipeline.domain.metrics import get_metric
-from pipeline.config.paths import Paths
-from pipeline.domain.tasks import TaskSpec
 
 CLASSES = ["cat", "dog", "emu"]
 LABELS = ["round", "small"]

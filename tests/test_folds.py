@@ -10,15 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import GROUP_COLUMN, MULTILABEL_LABELS, write_dataset, write_png
 
 from pipeline.cli import main
-from pipeline.data.tables import read_train_table, task_spec
+from pipeline.config.paths import Paths
 from pipeline.core.errors import PipelineError
 from pipeline.data.splits import assign_folds
+from pipeline.data.tables import read_train_table, task_spec
 from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
-
-from conftest import GROUP_COLUMN, MULTILABEL_LABELS, write_dataset, write_png
 
 
 def _read(path) -> pd.DataFrame:

@@ -16,17 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.engine import fit
-from pipeline.data.cache import ImageCache
-from pipeline.domain.transforms import eval_transform
+from pipeline.config.paths import Paths
 from pipeline.config.schema import TrainConfig
-from pipeline.data.tables import read_folds, task_spec
-from pipeline.data.images import PATH
+from pipeline.data.cache import ImageCache
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.images import decode_reduction, load_image
+from pipeline.data.images import PATH, decode_reduction, load_image
+from pipeline.data.tables import read_folds, task_spec
+from pipeline.domain.transforms import eval_transform
+from pipeline.engine import fit
 from pipeline.engine.fit import Runtime, default_workers, fused_kwargs, predict_logits
 from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
 
@@ -233,8 +232,8 @@ def test_loaders_pin_memory_on_cuda(make_config):
 def test_bundled_weights_are_mapped_once_per_process(monkeypatch):
     import timm
 
-    from pipeline.engine import backbones
     from pipeline.config.schema import BackboneConfig
+    from pipeline.engine import backbones
 
     built = []
     original = timm.create_model

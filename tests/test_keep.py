@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.config.paths import Paths
 from pipeline.core import artifacts
 from pipeline.data.tables import read_folds, read_test_table, task_spec
-from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
 from pipeline.engine.features import FeatureStore
+from pipeline.stages.folds import run_folds
+from pipeline.stages.train import run_train
 from pipeline.training.fold_state import FoldState
 from pipeline.training.trainer import FoldJob, FoldTrainer
-from pipeline.stages.train import run_train
 
 FAST = ["train.num_workers=0", "augment.train=[]"]
 

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config.paths import Paths
 from pipeline.config.schema import config_from_dict
 from pipeline.core.errors import PipelineError
 from pipeline.ensembles.scores import COLUMNS
 from pipeline.stages.leaderboard import run_leaderboard
-from pipeline.config.paths import Paths
 
 OOF = {  # model -> (kind, oof score)
     "alpha": ("backbone", 0.80), "beta": ("backbone", 0.70),

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from test_leaderboard import HONEST, NESTED, make_board
 
+from pipeline.config.paths import Paths
 from pipeline.ensembles.scores import COLUMNS
 from pipeline.stages.leaderboard import run_leaderboard
-from pipeline.config.paths import Paths
 from pipeline.stages.submit import _best_cv
 
 

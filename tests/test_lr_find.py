@@ -12,12 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.config.paths import Paths
 from pipeline.core import artifacts
 from pipeline.stages.folds import run_folds
 from pipeline.stages.lr_find import range_test, run_lr_find, suggest_lr, zero_lag_smooth
-from pipeline.config.paths import Paths
 from pipeline.stages.tune import run_tune
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

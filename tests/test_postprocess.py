@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.ensembles import blend as ensemble, postprocess
 from pipeline.config.schema import config_from_dict
-from pipeline.ensembles.blend import Inputs, run_method
 from pipeline.domain.metrics import get_metric
 from pipeline.domain.tasks import TaskSpec
+from pipeline.ensembles import blend as ensemble
+from pipeline.ensembles import postprocess
+from pipeline.ensembles.blend import Inputs, run_method
 
 
 def _inputs(P, y, folds, task, metric, classes=()):

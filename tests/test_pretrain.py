@@ -8,19 +8,18 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import DEMO_CONFIG, write_dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.engine.backbones import create_backbone, split_parameters
 from pipeline.cli import main
-from pipeline.core.errors import PipelineError
-from pipeline.stages.folds import run_folds
 from pipeline.config.paths import Paths
+from pipeline.core.errors import PipelineError
+from pipeline.engine.backbones import create_backbone, split_parameters
+from pipeline.stages.folds import run_folds
 from pipeline.stages.pretrain import run_pretrain
-from pipeline.training.fingerprint import fold_is_done
 from pipeline.stages.train import run_train
-
-from conftest import DEMO_CONFIG, write_dataset
+from pipeline.training.fingerprint import fold_is_done
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
 PRE_ID = "pre-digits"

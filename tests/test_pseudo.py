@@ -11,23 +11,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import shrunk_raw_config, write_dataset
+
 from pipeline import cli
-from pipeline.training import trainer as train_module
-from pipeline.config.schema import config_from_dict, dump_config
-from pipeline.data.tables import read_folds, read_test_table, task_spec
-from pipeline.data.images import PATH
-from pipeline.stages.ensemble import run_ensemble
-from pipeline.core.errors import PipelineError
-from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
-from pipeline.training.pseudo_labels import IMAGE_PATH, TRAIN_FOLD, with_pseudo_labels
-from pipeline.stages.pseudo import PSEUDO_FILE, confident_labels, count_table, pseudo_label_frame, run_pseudo, source_fold_predictions
 from pipeline.cli import pseudo_experiment
+from pipeline.config.paths import Paths
+from pipeline.config.schema import config_from_dict, dump_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.images import PATH
+from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.domain.tasks import TaskSpec
-from pipeline.training.fingerprint import fold_digest
+from pipeline.stages.ensemble import run_ensemble
+from pipeline.stages.folds import run_folds
+from pipeline.stages.pseudo import (
+    PSEUDO_FILE,
+    confident_labels,
+    count_table,
+    pseudo_label_frame,
+    run_pseudo,
+    source_fold_predictions,
+)
 from pipeline.stages.train import run_train
+from pipeline.training import trainer as train_module
+from pipeline.training.fingerprint import fold_digest
+from pipeline.training.pseudo_labels import IMAGE_PATH, TRAIN_FOLD, with_pseudo_labels
 
 MODEL = "test_efficientnet"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.data.cache import ImageCache
 from pipeline.domain.transforms import eval_transform
-from pipeline.core.errors import PipelineError
 
 
 def _wide() -> np.ndarray:

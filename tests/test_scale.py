@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.cache import ImageCache
-from pipeline.domain.transforms import eval_transform
+from pipeline.config.paths import Paths
 from pipeline.config.schema import dump_config
+from pipeline.data.cache import ImageCache
 from pipeline.data.images import load_image
 from pipeline.data.tables import read_folds
+from pipeline.domain.transforms import eval_transform
 from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
 from pipeline.stages.train import run_train
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
@@ -132,7 +132,8 @@ def test_bench_quick_prints_every_ratio_with_its_goal(make_config, tmp_path, cap
 
 
 def test_quality_benches_write_their_sections_and_keep_the_others(make_config, tmp_path, capsys):
-    from pipeline.bench import report as bench, quality as bench_quality
+    from pipeline.bench import quality as bench_quality
+    from pipeline.bench import report as bench
 
     cfg = make_config(*FAST)
     tune_md = bench_quality.bench_tune(cfg, trials=3, eval_folds=(1,))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.engine import checkpoints, fit
 from pipeline.config.schema import PhaseConfig, TrainConfig, config_from_dict
 from pipeline.core.errors import PipelineError
+from pipeline.engine import checkpoints, fit
 from pipeline.engine.fit import Runtime, Stepper, build_scheduler, choose_amp_dtype
 from pipeline.training.phases import make_ema
 
@@ -221,8 +221,8 @@ def test_unsupported_compile_is_one_line(monkeypatch, capsys):
 def test_train_compile_is_used_for_the_unfrozen_forward_and_predictions(make_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from pipeline.stages.folds import run_folds
     from pipeline.config.paths import Paths
+    from pipeline.stages.folds import run_folds
     from pipeline.stages.train import run_train
 
     modes = []

@@ -6,16 +6,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT, write_dataset
 
-from pipeline.engine.backbones import create_backbone
+from pipeline.config.paths import Paths
 from pipeline.config.schema import config_from_dict, load_config
 from pipeline.core.errors import PipelineError
+from pipeline.engine.backbones import create_backbone
 from pipeline.engine.fit import build_optimizer
 from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
 from pipeline.stages.train import run_train
-
-from conftest import REPO_ROOT, write_dataset
 
 SEED_RECIPE = REPO_ROOT / "configs" / "seed_recipe.yaml"
 

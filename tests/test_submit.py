@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.cli import lb_sync
+from pipeline.config.paths import Paths
 from pipeline.config.schema import config_from_dict
 from pipeline.core.errors import PipelineError
 from pipeline.ensembles.scores import read_submissions_log
-from pipeline.config.paths import Paths
 from pipeline.ensembles.submission import format_submission, load_spec, validate_submission, write_submission
 from pipeline.stages.submit import parse_kaggle_submissions, run_lb_sync, run_score, run_submit
-from pipeline.cli import lb_sync
 
 CLASSES = ["cat", "dog", "emu"]
 TEST_IDS = [f"tst_{i}" for i in range(5)]

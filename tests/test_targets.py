@@ -8,19 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.config.schema import config_from_dict
-from pipeline.data.tables import read_train_table, task_spec
-from pipeline.core.errors import PipelineError
-from pipeline.stages.folds import run_folds
-from pipeline.domain.metrics import get_metric
-from pipeline.config.paths import Paths
-from pipeline.ensembles.submission import format_submission
-from pipeline.stages.submit import run_score
-from pipeline.domain.tasks import TaskSpec
-from pipeline.stages.train import run_train
-
 from conftest import ID_COLUMN, write_dataset
+
+from pipeline.config.paths import Paths
+from pipeline.config.schema import config_from_dict
+from pipeline.core.errors import PipelineError
+from pipeline.data.tables import read_train_table, task_spec
+from pipeline.domain.metrics import get_metric
+from pipeline.domain.tasks import TaskSpec
+from pipeline.ensembles.submission import format_submission
+from pipeline.stages.folds import run_folds
+from pipeline.stages.submit import run_score
+from pipeline.stages.train import run_train
 
 FAST = ["train.num_workers=0", "augment.train=[]"]
 

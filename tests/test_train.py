@@ -10,20 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_dataset
 from safetensors.torch import load_file
 
-from pipeline.training import trainer as train_mod
-from pipeline.engine.backbones import split_parameters
+from pipeline.config.paths import Paths
 from pipeline.config.schema import BackboneConfig, PhaseConfig
-from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.core.errors import PipelineError
+from pipeline.data.tables import read_folds, read_test_table, task_spec
+from pipeline.engine.backbones import split_parameters
 from pipeline.engine.fit import build_optimizer, build_scheduler, group_lrs
 from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
-from pipeline.training.trainer import FoldJob, FoldTrainer
 from pipeline.stages.train import run_train
-
-from conftest import write_dataset
+from pipeline.training import trainer as train_mod
+from pipeline.training.trainer import FoldJob, FoldTrainer
 
 FAST = ["train.num_workers=0", "augment.train=[]"]
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.config.paths import Paths
 from pipeline.core import artifacts
 from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
-from pipeline.training.tuned import apply_tuned
 from pipeline.stages.train import run_train
 from pipeline.stages.tune import run_tune
+from pipeline.training.tuned import apply_tuned
 
 FROZEN_ONLY = ["train.num_workers=0", "augment.train=[]", "tune.frozen_epochs=1", "tune.unfrozen_epochs=0",
                "tune.trials=2"]

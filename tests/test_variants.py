@@ -18,16 +18,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import shrunk_raw_config
-from pipeline.config.schema import config_from_dict, load_config
-from pipeline.stages.ensemble import run_ensemble
-from pipeline.core.errors import PipelineError
-from pipeline.stages.folds import run_folds
-from pipeline.stages.leaderboard import run_leaderboard
+
 from pipeline.config.paths import Paths
+from pipeline.config.schema import config_from_dict, load_config
+from pipeline.core.errors import PipelineError
 from pipeline.data.tables import read_test_table
 from pipeline.ensembles.inference import predict_frame
+from pipeline.stages.ensemble import run_ensemble
+from pipeline.stages.folds import run_folds
+from pipeline.stages.leaderboard import run_leaderboard
 from pipeline.stages.predict import run_predict
 from pipeline.stages.train import run_train
 

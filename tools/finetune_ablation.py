@@ -17,11 +17,11 @@ import time
 import numpy as np
 import pandas as pd
 
+from pipeline.config.paths import Paths
 from pipeline.config.schema import load_config
 from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.engine.fit import activate_mean
 from pipeline.stages.folds import run_folds
-from pipeline.config.paths import Paths
 from pipeline.training.trainer import FoldJob, FoldTrainer
 
 

@@ -21,12 +21,7 @@ import pandas as pd
 from pipeline.config.paths import Paths
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError, first_few, quoted
-from pipeline.data.images import (
-    PATH,
-    check_images_readable,
-    set_image_limit,
-    verified_dir,
-)
+from pipeline.data.images import PATH, check_images_readable, set_image_limit, verified_dir
 from pipeline.domain.tasks import TaskSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

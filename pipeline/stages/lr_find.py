@@ -52,12 +52,7 @@ from pipeline.engine.backbones import (
     pooled_features,
     set_frozen,
 )
-from pipeline.engine.fit import (
-    Stepper,
-    build_optimizer,
-    restored_torch_flags,
-    seed_everything,
-)
+from pipeline.engine.fit import Stepper, build_optimizer, restored_torch_flags, seed_everything
 from pipeline.training.fingerprint import result_train_config
 from pipeline.training.trainer import FoldJob, FoldTrainer
 from pipeline.training.tuned import apply_tuned

@@ -46,12 +46,7 @@ from pipeline.core.errors import PipelineError, first_few
 from pipeline.data.images import PATH
 from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.domain.tasks import TaskSpec
-from pipeline.training.pseudo_labels import (
-    CONFIDENCE,
-    IMAGE_PATH,
-    TRAIN_FOLD,
-    refuse_regression,
-)
+from pipeline.training.pseudo_labels import CONFIDENCE, IMAGE_PATH, TRAIN_FOLD, refuse_regression
 
 PSEUDO_FILE = "pseudo_labels.csv"
 
@@ -137,10 +132,7 @@ def source_fold_predictions(cfg: Config, spec: TaskSpec, source: str, test_ids: 
     n, models = cfg.folds.n_splits, model_variants(cfg)
     if check_source(cfg, source) == "model":
         return [fold_test_predictions(cfg, spec, models[source], k, test_ids) for k in range(n)]
-    from pipeline.ensembles.blend import (  # the ensemble stage's own fitting
-        fit_rows,
-        load_inputs,
-    )
+    from pipeline.ensembles.blend import fit_rows, load_inputs  # the ensemble stage's own fitting
 
     params = Paths(cfg).ensemble_method_dir(source) / "params.json"
     if not params.exists():

@@ -30,12 +30,7 @@ from pipeline.domain.metrics import get_metric
 from pipeline.engine.backbones import check_model_name, check_weights
 from pipeline.engine.features import FeatureStore
 from pipeline.engine.fit import PROCESSES_ENV
-from pipeline.training.aggregate import (
-    aggregate_backbone,
-    aggregate_seed_mean,
-    fmt_score,
-    honesty_note,
-)
+from pipeline.training.aggregate import aggregate_backbone, aggregate_seed_mean, fmt_score, honesty_note
 from pipeline.training.budget import planned_config
 from pipeline.training.fingerprint import fold_digest, fold_is_done
 from pipeline.training.pseudo_labels import with_pseudo_labels

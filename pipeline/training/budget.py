@@ -21,13 +21,7 @@ from pipeline.config.schema import BackboneConfig, Config, PhaseConfig
 from pipeline.core import artifacts
 from pipeline.domain.tasks import TaskSpec
 from pipeline.engine.backbones import create_backbone, data_config
-from pipeline.engine.fit import (
-    Runtime,
-    Stepper,
-    build_optimizer,
-    build_scheduler,
-    make_loss,
-)
+from pipeline.engine.fit import Runtime, Stepper, build_optimizer, build_scheduler, make_loss
 
 
 @dataclass(frozen=True)

@@ -17,20 +17,8 @@ from pipeline.config.schema import PhaseConfig, TrainConfig
 from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
 from pipeline.data.datasets import SeededSampler
-from pipeline.engine.backbones import (
-    freeze_batchnorm_stats,
-    frozen_train_mode,
-    pooled_features,
-    set_frozen,
-)
-from pipeline.engine.fit import (
-    Stepper,
-    build_optimizer,
-    build_scheduler,
-    group_lrs,
-    run_batches,
-    seed_everything,
-)
+from pipeline.engine.backbones import freeze_batchnorm_stats, frozen_train_mode, pooled_features, set_frozen
+from pipeline.engine.fit import Stepper, build_optimizer, build_scheduler, group_lrs, run_batches, seed_everything
 from pipeline.engine.probe import fit_linear_probe
 
 NO_LRS = {"lr_head": float("nan"), "lr_backbone": 0.0}  # the linear probe's history row: no LR

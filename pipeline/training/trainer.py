@@ -18,20 +18,9 @@ from pipeline.core import artifacts, distributed
 from pipeline.data.images import PATH
 from pipeline.domain.metrics import get_metric
 from pipeline.domain.tasks import TaskSpec
-from pipeline.engine.backbones import (
-    adapt_batchnorm,
-    create_backbone,
-    data_config,
-)
+from pipeline.engine.backbones import adapt_batchnorm, create_backbone, data_config
 from pipeline.engine.features import FeatureStore
-from pipeline.engine.fit import (
-    NonFiniteLoss,
-    Runtime,
-    make_loss,
-    restored_torch_flags,
-    score,
-    seed_everything,
-)
+from pipeline.engine.fit import NonFiniteLoss, Runtime, make_loss, restored_torch_flags, score, seed_everything
 from pipeline.training import phases
 from pipeline.training.fingerprint import fold_outputs
 from pipeline.training.fold_data import FoldData
