@@ -2,6 +2,7 @@
 for, with one line that names the process; a lock left by a killed process is taken over."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -10,30 +11,34 @@ import subprocess
 import sys
 import time
 
+import filelock
 import pytest
+from conftest import REPO_ROOT
 
 from pipeline import cli
-from pipeline.core import locks
-from pipeline.config.schema import dump_config
-from pipeline.stages.folds import run_folds
 from pipeline.config.paths import Paths
-
-from conftest import REPO_ROOT
+from pipeline.config.schema import dump_config
+from pipeline.core import locks
+from pipeline.stages.folds import run_folds
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
 
 _HOLDER = """
 import sys, time
-from pipeline import locks
+import filelock
+from pipeline.core import locks
+if sys.argv[3:] == ["soft"]:
+    locks.LOCK_CLASS = filelock.SoftFileLock
 with locks.hold(sys.argv[1], "test holder", "is held") as held:
     print("held" if held else "busy", flush=True)
     time.sleep(float(sys.argv[2]))
 """
 
 
-def _hold_in_child(target, seconds: float) -> subprocess.Popen:
+def _hold_in_child(target, seconds: float, soft: bool = False) -> subprocess.Popen:
     """A separate process that holds the lock on ``target`` for ``seconds`` (returns once it holds it)."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target), str(seconds)], cwd=REPO_ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target), str(seconds), *(["soft"] if soft else [])],
+                            cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -77,7 +82,7 @@ def test_a_second_folds_run_waits_for_the_first(make_config, capsys, children):
     printed = capsys.readouterr().out
     assert f"is being written by process {holder.pid} (started " in printed and "waiting for it to end" in printed
     assert time.monotonic() - start >= 1.0 and out.exists()
-    assert not locks.lock_path(out).exists()  # removed on release
+    assert not locks.lock_path(out).exists() and not locks.holder_path(out).exists()  # removed on release
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(make_config, capsys, children):
@@ -92,6 +97,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(make_config, capsys, chil
     notes = [line for line in printed.splitlines() if "taking over the lock" in line]
     assert len(notes) == 1 and f"left by process {holder.pid} (started " in notes[0], printed
     assert "waiting" not in printed and out.exists() and not locks.lock_path(out).exists()
+    assert not locks.holder_path(out).exists()
 
 
 def test_a_second_holder_in_the_same_process_is_refused_and_the_file_removed(tmp_path, capsys):
@@ -100,38 +106,64 @@ def test_a_second_holder_in_the_same_process_is_refused_and_the_file_removed(tmp
         with locks.hold(target, "fold 0 of m", "is being trained") as second:
             assert first and not second
     assert f"by process {os.getpid()} (started " in capsys.readouterr().out
-    assert not locks.lock_path(target).exists()
+    assert not locks.lock_path(target).exists() and not locks.holder_path(target).exists()
     with locks.hold(target, "fold 0 of m", "is being trained") as again:
         assert again
 
 
-def test_without_flock_an_exclusive_lock_file_is_used(tmp_path, capsys, monkeypatch):
-    """Where there is no ``fcntl`` (Windows): O_CREAT|O_EXCL, a dead holder on this host is stale."""
-    monkeypatch.setattr(locks, "fcntl", None)
+def test_without_flock_a_soft_lock_file_is_used(tmp_path, capsys, monkeypatch, children):
+    """Where there is no ``flock`` (Windows without msvcrt, some network file systems): filelock's O_EXCL
+    lock file; a dead holder on this host is taken over, and so is one older than STALE_SECONDS."""
+    monkeypatch.setattr(locks, "LOCK_CLASS", filelock.SoftFileLock)
     target = tmp_path / "out.csv"
     with locks.hold(target, "out", "is being written") as first:
+        with pytest.raises(filelock.Timeout):  # filelock's soft lock file, and it is taken
+            filelock.SoftFileLock(str(locks.lock_path(target))).acquire(blocking=False)
         with locks.hold(target, "out", "is being written") as second:
             assert first and not second
-    assert not locks.lock_path(target).exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert f"by process {os.getpid()} (started " in capsys.readouterr().out
+    assert not locks.lock_path(target).exists() and not locks.holder_path(target).exists()
+
+    dead = _hold_in_child(target, 120, soft=True)
+    dead.kill()  # kill -9: its lock file stays, and nothing releases it but the takeover
     dead.wait()
-    locks.lock_path(target).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
-                                                   "started": time.time()}))
-    capsys.readouterr()
+    dead.stdout.close()
+    assert locks.lock_path(target).exists()
     with locks.hold(target, "out", "is being written") as held:
         assert held
-    assert f"taking over the lock .out.csv.lock left by process {dead.pid}" in capsys.readouterr().out
-    old = {"pid": 1, "host": "elsewhere", "started": time.time() - locks.STALE_SECONDS - 60}
-    locks.lock_path(target).write_text(json.dumps(old))  # another machine's, days old: its pid may be reused
+    assert f"taking over the lock .out.csv.lock left by process {dead.pid} (started " in capsys.readouterr().out
+    assert not locks.lock_path(target).exists()
+
+    children.append(_hold_in_child(target, 120, soft=True))  # alive, but its lock is days old
+    old = time.time() - locks.STALE_SECONDS - 60
+    os.utime(locks.lock_path(target), (old, old))
+    locks.holder_path(target).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": old}))
     with locks.hold(target, "out", "is being written") as held:
         assert held
     assert "left by process 1 on elsewhere" in capsys.readouterr().out
 
 
+def test_where_flock_is_unsupported_the_soft_lock_is_used(tmp_path, capsys, monkeypatch):
+    """flock failing with ENOLCK/EOPNOTSUPP/EINVAL (NFS without lockd, some FUSE mounts): a soft lock."""
+    class NoFlock(filelock.FileLock):
+        def acquire(self, *args, **kwargs):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks, "LOCK_CLASS", NoFlock)
+    target = tmp_path / "fold0"
+    with locks.hold(target, "fold 0 of m", "is being trained") as first:
+        with pytest.raises(filelock.Timeout):  # the lock file is filelock's soft lock, and it is taken
+            filelock.SoftFileLock(str(locks.lock_path(target))).acquire(blocking=False)
+        with locks.hold(target, "fold 0 of m", "is being trained") as second:
+            assert first and not second
+    assert f"by process {os.getpid()} (started " in capsys.readouterr().out
+    assert not locks.lock_path(target).exists() and not locks.holder_path(target).exists()
+
+
 _RANK = """
 import sys
 import torch.distributed as dist
-from pipeline import locks
+from pipeline.core import locks
 dist.init_process_group("gloo")
 with locks.hold(sys.argv[1], "fold 0 of m", "is being trained") as held:
     print(f"rank {dist.get_rank()}: {held}", flush=True)

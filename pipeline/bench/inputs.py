@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from pipeline.config.paths import Paths
 from pipeline.config.schema import Config
+from pipeline.core.memory import resident_mib
 from pipeline.data.cache import ImageCache
 from pipeline.data.datasets import ImageDataset, SeededSampler
 from pipeline.data.images import PATH, load_image
@@ -200,23 +201,14 @@ def bench_cache_build(cfg: Config, size: int, runs: Path) -> dict:
     start = time.perf_counter()
     ImageCache.build(path, table[PATH], size, "bicubic", cfg.augment.resize)
     seconds = time.perf_counter() - start
-    before = _rss_mib()
+    before = resident_mib()
     cache = ImageCache.open(path)
     total = sum(int(cache[i][0, 0, 0]) for i in range(len(cache)))  # touch every image
-    grown = _rss_mib() - before
+    after = resident_mib()
+    grown = float("nan") if before is None or after is None else after - before
     del cache, total
     return {"seconds": seconds, "images": len(table), "mib": path.stat().st_size / 2**20, "rss_mib": grown,
             "threads": os.cpu_count()}
-
-
-def _rss_mib() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def bench_reduced_decode(cfg: Config, size: int, probe: bool) -> dict:

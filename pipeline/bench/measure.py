@@ -178,15 +178,8 @@ def bench_frozen_only(cfg: Config, image_size: int | None = None) -> dict:
 
 
 _PEAK_RSS = """
-import resource, sys
-def peak_mib():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the forking parent's across exec)
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+import sys
+from pipeline.core.memory import peak_mib  # this process's own high-water mark (VmHWM on Linux)
 import torch, timm, albumentations, sklearn, pandas, optuna
 print("PEAK_IMPORTS", peak_mib())
 from pipeline.cli import main

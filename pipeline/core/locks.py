@@ -1,12 +1,15 @@
 """Locks on work in progress, so that two runs of one stage at once do not do the same work twice.
 
-A lock is a file ``.<name>.lock`` beside the output it guards (a fold folder, the folds file, the
-ensemble folder) that holds the holder's pid, host and start time, for the message a second run
-prints. On POSIX systems the lock itself is ``fcntl.flock`` on that file, which the OS releases
-when the process ends, however it ends: a lock file left by a killed process is taken over at
-once, with a one-line note. Where there is no ``flock`` the file is created with
-``O_CREAT | O_EXCL`` and taken over when its process no longer runs on this host, or when it is
-older than :data:`STALE_SECONDS` (a pid may have been reused).
+The lock on an output (a fold folder, the folds file, the ensemble folder) is a ``filelock`` lock on
+the file ``.<name>.lock`` beside it: the OS's own lock (``flock``; ``msvcrt.locking`` on Windows),
+which the OS releases when the process ends, however it ends; its file is removed on release.
+Where the file system cannot ``flock`` (some network file systems), it is filelock's soft lock: the
+file created with ``O_EXCL``, broken when its process no longer runs on this host, or when it is
+older than :data:`STALE_SECONDS` (another host's, or a pid that may have been reused).
+
+Beside it, ``.<name>.holder`` names the holder (pid, host, start time) for the one-line message a
+second run prints; the lock file cannot carry it (filelock 3.x truncates it on every try). A holder
+file still there when the lock is taken was left by a killed process: taken over with a one-line note.
 
 Example
 -------
@@ -21,24 +24,41 @@ import json
 import os
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-try:
-    import fcntl
-except ImportError:  # Windows: O_EXCL lock files
-    fcntl = None
+import filelock
 
-STALE_SECONDS = 3 * 24 * 3600  # O_EXCL locks only: older than this, the holder's pid may have been reused
+from pipeline.core.artifacts import write_json
+
+STALE_SECONDS = 3 * 24 * 3600  # soft locks only: older than this, the holder's pid may have been reused
 POLL_SECONDS = 0.5  # how often a waiting run looks again
-_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock on some network file systems
+UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock on some network file systems
+
+#: The lock's class: the OS's lock where there is one (filelock.FileLock), else filelock's soft lock.
+#: A run falls back to :func:`soft_lock` by itself where ``flock`` fails with one of :data:`UNSUPPORTED`.
+LOCK_CLASS: type[filelock.BaseFileLock] = filelock.FileLock
 
 
 def lock_path(target: Path | str) -> Path:
     """The lock file of an output (a file or a folder): ``.<name>.lock`` beside it."""
     target = Path(target)
     return target.parent / f".{target.name}.lock"
+
+
+def holder_path(target: Path | str) -> Path:
+    """The file that names the lock's holder: ``.<name>.holder`` beside the output, while it is held."""
+    target = Path(target)
+    return target.parent / f".{target.name}.holder"
+
+
+def soft_lock(path: Path | str) -> filelock.BaseFileLock:
+    """filelock's ``O_EXCL`` lock file, taken over when older than :data:`STALE_SECONDS`."""
+    with warnings.catch_warnings():  # filelock 4 warns that an age limit can overlap a live holder: days, here
+        warnings.filterwarnings("ignore", message=r".*lifetime")
+        return filelock.SoftFileLock(str(path), lifetime=STALE_SECONDS)
 
 
 @contextmanager
@@ -59,26 +79,30 @@ def hold(target: Path | str, what: str, doing: str, wait: bool = False) -> Itera
 
 @contextmanager
 def _hold_here(target: Path, what: str, doing: str, wait: bool) -> Iterator[bool]:
-    path = lock_path(target)
+    path, holder = lock_path(target), holder_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    told = False
-    while True:
-        fd, other = _acquire(path, what)
-        if fd is not None:
-            break
-        who = _describe(other)
+    lock, held = _first_try(path)
+    if not held:
+        who = _describe(_read(holder))
         if not wait:
             print(f"{what} {doing} by {who}; skipping it - re-run when it ends")
             yield False
             return
-        if not told:
-            print(f"{what} {doing} by {who}; waiting for it to end (Ctrl-C stops waiting)", flush=True)
-            told = True
-        time.sleep(POLL_SECONDS)
+        print(f"{what} {doing} by {who}; waiting for it to end (Ctrl-C stops waiting)", flush=True)
+        lock.acquire(poll_interval=POLL_SECONDS)
+    try:
+        left = _read(holder)  # still there although nobody holds the lock: its process was killed
+        if left:
+            print(f"{what}: taking over the lock {path.name} left by {_describe(left)}, which no longer runs")
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        write_json(holder, mine)
+    except BaseException:
+        lock.release()
+        raise
     try:
         yield True
     finally:
-        _release(fd, path)
+        _release(lock, holder, mine)
 
 
 @contextmanager
@@ -103,120 +127,60 @@ def _hold_distributed(target: Path, what: str, doing: str, wait: bool) -> Iterat
         yield bool(answer[0])
 
 
-# ---------------------------------------------------------------------------- the lock file
+# ---------------------------------------------------------------------------- the lock and its holder
 
 
-def _acquire(path: Path, what: str) -> tuple[int | None, dict | None]:
-    """(open descriptor, None) when this process now holds the lock; (None, holder's info) when not."""
-    if fcntl is not None:
-        result = _acquire_flock(path, what)
-        if result is not None:
-            return result
-    return _acquire_exclusive(path, what)
-
-
-def _acquire_flock(path: Path, what: str) -> tuple[int | None, dict | None] | None:
-    """flock the lock file; None when this file system cannot flock (then an O_EXCL file is used)."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            info = _read(fd)
-            os.close(fd)
-            if exc.errno in _UNSUPPORTED:
-                return None
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return None, info
+def _first_try(path: Path) -> tuple[filelock.BaseFileLock, bool]:
+    """The lock and whether one try took it; a soft lock where this file system cannot flock."""
+    lock = soft_lock(path) if LOCK_CLASS is filelock.SoftFileLock else LOCK_CLASS(str(path))
+    try:
+        return lock, _try(lock)
+    except OSError as exc:
+        if exc.errno not in UNSUPPORTED or isinstance(lock, filelock.SoftFileLock):
             raise
-        if not _same_file(fd, path):  # its holder released and removed it after we opened it: open anew
-            os.close(fd)
-            continue
-        left = _read(fd)  # still there although nobody holds it: its process was killed
-        if left:
-            print(f"{what}: taking over the lock {path.name} left by {_describe(left)}, which no longer runs")
-        _write(fd)
-        return fd, None
+    lock = soft_lock(path)
+    return lock, _try(lock)
 
 
-def _acquire_exclusive(path: Path, what: str) -> tuple[int | None, dict | None]:
-    """Create the lock file with O_EXCL, taking over a stale one (its process gone, or too old)."""
-    for _ in range(3):
+def _try(lock: filelock.BaseFileLock) -> bool:
+    """One try; and one more where it removed a dead holder's soft lock file (filelock 3 takes it on the next)."""
+    for _ in range(2):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            info = _read_path(path)
-            if not _is_stale(info, path):
-                return None, info
-            print(f"{what}: taking over the lock {path.name} left by {_describe(info)}, which no longer runs")
-            path.unlink(missing_ok=True)
+            lock.acquire(blocking=False)
+        except filelock.Timeout:
+            if os.path.lexists(lock.lock_file):
+                return False
             continue
-        _write(fd)
-        return fd, None
-    return None, _read_path(path)
+        return True
+    return False
 
 
-def _release(fd: int, path: Path) -> None:
-    """Remove the lock file (while still holding it, so no one takes a file about to vanish), then close."""
+def _release(lock: filelock.BaseFileLock, holder: Path, mine: dict) -> None:
+    """Remove the holder file (if it is still ours) and the lock file while still holding the lock, then release.
+
+    filelock's current releases keep a flock file in place on release; removing it while held leaves no
+    ``.<name>.lock`` behind, and is safe: a waiter that then takes the removed file sees it has no name
+    left (``st_nlink`` 0) and opens the path anew, in every filelock from 3.24 on. A soft lock's file
+    (or filelock's own soft fallback's, which is not empty) is removed by its release itself.
+    """
     try:
-        if _same_file(fd, path):
-            path.unlink(missing_ok=True)
+        if _read(holder) == mine:
+            holder.unlink(missing_ok=True)
+        path = Path(lock.lock_file)
+        if not isinstance(lock, filelock.SoftFileLock) and path.stat().st_size == 0:
+            path.unlink()
+    except OSError:  # already gone; or Windows, where an open file cannot be removed (filelock removes it there)
+        pass
     finally:
-        os.close(fd)  # releases the flock
+        lock.release()
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def _read(holder: Path) -> dict | None:
     try:
-        a, b = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _write(fd: int) -> None:
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(info) + "\n").encode())
-
-
-def _read(fd: int) -> dict | None:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        info = json.loads(os.read(fd, 4096).decode() or "null")
+        info = json.loads(holder.read_text() or "null")
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
-
-
-def _read_path(path: Path) -> dict | None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return _read(fd)
-    finally:
-        os.close(fd)
-
-
-def _is_stale(info: dict | None, path: Path) -> bool:
-    """An O_EXCL lock whose holder is gone: its pid does not run on this host, or it is too old."""
-    try:
-        age = time.time() - (info or {}).get("started", path.stat().st_mtime)
-    except (OSError, TypeError):
-        return False
-    if age > STALE_SECONDS:
-        return True
-    if not info or info.get("host") != socket.gethostname() or os.name != "posix":
-        return False  # another machine's process (or no safe liveness probe here): trust it until too old
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError, TypeError, OverflowError):
-        return False
-    return False
 
 
 def _describe(info: dict | None) -> str:

@@ -79,6 +79,7 @@ from pipeline.config.paths import Paths
 from pipeline.config.schema import BackboneConfig, Config, dump_config
 from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError
+from pipeline.core.memory import resident_mib  # for the trials table
 from pipeline.data.tables import read_folds, task_spec
 from pipeline.domain.metrics import Metric, get_metric
 from pipeline.domain.tasks import TaskSpec
@@ -213,15 +214,6 @@ def process_seed(cfg: Config, n_existing: int, worker: int) -> int:
     """A sampler seed per (seed, study size, worker): a resumed study or a second worker does not
     repeat the first one's random draws."""
     return int(np.random.SeedSequence([cfg.tune.seed, n_existing, worker]).generate_state(1)[0])
-
-
-def resident_mib() -> float | None:
-    """This process's resident memory (Linux), for the trials table."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def count(study: optuna.Study, states) -> int:
