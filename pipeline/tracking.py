@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config.paths import Paths
-from pipeline.config.schema import BackboneConfig, Config
+from pipeline.config.schema import BackboneConfig, Config, flatten
 from pipeline.core import artifacts, distributed
 from pipeline.core.errors import PipelineError
 
@@ -59,7 +59,7 @@ def begin_model(cfg: Config, bcfg: BackboneConfig) -> str | None:
     backend = _backend(cfg)
     resolved = cfg.replace(backbones=[bcfg])
     run_id = backend.start_run(bcfg.slug, {**git_state(), "pipeline.model": bcfg.slug, "pipeline.kind": "backbone"})
-    backend.log_params(run_id, flatten(resolved.to_dict()))
+    backend.log_params(run_id, as_params(resolved.to_dict()))
     backend.log_text(run_id, "config.yaml", yaml.safe_dump(resolved.to_dict(), sort_keys=False))
     _write_record(cfg, record_path, run_id, key)
     print(f"tracking: {cfg.tracking.backend} run {run_id} for {bcfg.slug} in {default_uri(cfg)}")
@@ -142,17 +142,16 @@ def git_state(repo: Path | None = None) -> dict[str, str]:
             "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    """``{"train": {"frozen": {"lr": 0.001}}}`` -> ``{"train.frozen.lr": "0.001"}``; lists as YAML."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
-            flat[name] = text.removesuffix("\n...")[:MAX_PARAM_CHARS]
-    return flat
+def as_params(tree: dict) -> dict[str, str]:
+    """A nested mapping as tracker parameters: :func:`~pipeline.config.schema.flatten`'s dotted keys
+    with text values, lists as YAML, cut to MLflow's length limit:
+    ``{"train": {"frozen": {"lr": 0.001}}}`` -> ``{"train.frozen.lr": "0.001"}``."""
+    return {name: _param_text(value) for name, value in flatten(tree).items()}
+
+
+def _param_text(value) -> str:
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.removesuffix("\n...")[:MAX_PARAM_CHARS]
 
 
 def history_metrics(rows: list[dict]) -> list[tuple[str, float, int]]:
@@ -185,8 +184,8 @@ def _log_method(cfg: Config, method: str) -> None:
     backend = _backend(cfg)
     run_id = backend.start_run(f"ensemble-{method}", {**git_state(), "pipeline.model": method,
                                                       "pipeline.kind": "ensemble"})
-    backend.log_params(run_id, flatten({"ensemble": cfg.to_dict()["ensemble"], "metric": cfg.metric,
-                                        "method": method}))
+    backend.log_params(run_id, as_params({"ensemble": cfg.to_dict()["ensemble"], "metric": cfg.metric,
+                                          "method": method}))
     backend.log_metrics(run_id, cv_metrics(artifacts.read_json(folder / "cv.json")))
     for path in (folder / "cv.json", folder / "params.json", paths.submission(method)):
         if path.exists():

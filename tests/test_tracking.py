@@ -90,8 +90,8 @@ def test_an_unusable_tracking_uri_stops_before_training(make_config):
     assert not Paths(cfg).fold_dir(cfg.backbones[0].slug, 0).joinpath("history.csv").exists()
 
 
-def test_flatten_and_history_metrics():
-    assert tracking.flatten({"train": {"frozen": {"lr": 0.001, "optimizer": None}}, "tta": ["identity"]}) == {
+def test_params_and_history_metrics():
+    assert tracking.as_params({"train": {"frozen": {"lr": 0.001, "optimizer": None}}, "tta": ["identity"]}) == {
         "train.frozen.lr": "0.001", "train.frozen.optimizer": "null", "tta": "[identity]"}
     rows = [{"epoch": 0, "phase": "frozen", "lr_head": float("nan"), "valid_loss": 0.5}]
     assert tracking.history_metrics(rows) == [("valid_loss", 0.5, 0)]

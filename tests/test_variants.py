@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import shrunk_raw_config
+from PIL import Image
 
 from pipeline.config.paths import Paths
 from pipeline.config.schema import config_from_dict, load_config
@@ -131,16 +132,31 @@ def test_predict_on_another_test_folder(trained, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(paths.submission("mean")).head(5))
 
 
-def test_a_checkpoint_from_another_config_is_refused_with_the_differences(trained):
+def test_a_checkpoint_from_another_config_is_refused_with_the_differences(trained, tmp_path, monkeypatch):
     cfg, raw, _ = trained
     changed = copy.deepcopy(raw)
     changed["backbones"][0]["image_size"] = 48
     changed["augment"]["resize"] = "pad"
+    changed["train"]["label_smoothing"] = 0.1
     with pytest.raises(PipelineError) as err:
         run_predict(config_from_dict(changed), method="small")
     message = str(err.value)
     assert "backbone.image_size: checkpoint 32, config 48" in message
     assert "augment.resize: checkpoint 'crop', config 'pad'" in message and "\n" not in message
+    assert "train.label_smoothing: checkpoint 0.05, config 0.1" in message
+    # run-only keys (pipeline.config.run_only) change how a run goes, not the weights: the checkpoint is
+    # taken, a time budget's too (the checkpoint's config holds the epochs it planned)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # data.max_image_pixels sets it
+    run_only = copy.deepcopy(raw)
+    run_only["train"].update(compile=True, cache_images=True, cache_features=False, channels_last=False,
+                             num_workers=0, device="cpu", use_tuned="false", time_budget_min=600.0,
+                             deterministic=True)
+    run_only["data"]["max_image_pixels"] = 10**8
+    run_only["submission"]["competition"] = "some-competition"
+    run_only["tune"]["storage"] = f"sqlite:///{tmp_path / 'study.db'}"
+    run_only["tracking"] = {"backend": "tensorboard", "uri": str(tmp_path / "tracking")}
+    out = run_predict(config_from_dict(run_only), method="small", out=str(tmp_path / "run_only.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(Paths(cfg).submission("small")))
 
 
 def test_bundle_predicts_offline_without_the_project(trained, tmp_path):

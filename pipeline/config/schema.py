@@ -638,3 +638,21 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def flatten(tree: dict, prefix: str = "", keep_empty: bool = True) -> dict[str, Any]:
+    """A nested mapping as dotted keys: ``{"train": {"frozen": {"lr": 0.001}}}`` ->
+    ``{"train.frozen.lr": 0.001}``. Values (lists included) are kept as they are; an empty mapping
+    is a value ``{}`` too, or left out with ``keep_empty=False``.
+
+    >>> flatten({"train": {"frozen": {"lr": 0.001}, "tta": ["identity"]}, "backbone": {"train": {}}})
+    {'train.frozen.lr': 0.001, 'train.tta': ['identity'], 'backbone.train': {}}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and (value or not keep_empty):
+            flat.update(flatten(value, name + ".", keep_empty))
+        else:
+            flat[name] = value
+    return flat

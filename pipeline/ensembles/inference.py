@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 
 from pipeline.config.paths import Paths
-from pipeline.config.schema import BackboneConfig, Config, load_config
+from pipeline.config.run_only import result_settings, setting_changes
+from pipeline.config.schema import BackboneConfig, Config, flatten, load_config
 from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError
 from pipeline.data.datasets import ImageDataset
@@ -36,40 +37,33 @@ from pipeline.engine.fit import Runtime, activate_mean, default_workers, predict
 from pipeline.ensembles import postprocess
 from pipeline.ensembles.submission import write_submission
 
-# train.* keys that change how a run goes, not its weights (see train.RUN_ONLY_KEYS), and the LRs a
-# tune study may have replaced (the backbone's lr_source.json says so)
-IGNORED_TRAIN_KEYS = ("num_workers", "use_tuned", "device", "time_budget_min")
-
-
+# the LRs a tune study may have replaced (the backbone's lr_source.json says so)
 TUNED_KEYS = ("train.frozen.lr", "train.unfrozen.lr", "train.unfrozen.backbone_lr_mult", "train.weight_decay")
+
+
+# chosen by train.time_budget_min's plan, which the checkpoint's resolved config holds: the config's value is a maximum
+BUDGETED_KEYS = ("train.unfrozen.epochs",)
 
 
 DATA_KEYS = ("task", "target_columns", "id_column", "positive_class", "label_separator")
 
 
-def _flat(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: value}
-
-
 def prediction_settings(cfg: Config, bcfg: BackboneConfig) -> dict:
     """Everything a fold checkpoint's predictions depend on, as dotted keys: the task, the folds,
-    the model entry, the training and augmentation settings (a changed one means other weights)."""
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in IGNORED_TRAIN_KEYS}
-    if cfg.train.time_budget_min is not None:  # the budget plan chose the epochs
-        train["unfrozen"] = {k: v for k, v in train["unfrozen"].items() if k != "epochs"}
-    return _flat({"data": {k: getattr(cfg.data, k) for k in DATA_KEYS}, "folds": dataclasses.asdict(cfg.folds),
-                  "backbone": dataclasses.asdict(bcfg), "train": train, "augment": dataclasses.asdict(cfg.augment)})
+    the model entry, the training and augmentation settings (a changed one means other weights),
+    without the run-only keys (:mod:`pipeline.config.run_only`)."""
+    return result_settings(flatten({"data": {k: getattr(cfg.data, k) for k in DATA_KEYS},
+                                    "folds": dataclasses.asdict(cfg.folds), "backbone": dataclasses.asdict(bcfg),
+                                    "train": dataclasses.asdict(cfg.train), "augment": dataclasses.asdict(cfg.augment)},
+                                   keep_empty=False))
 
 
-def checkpoint_differences(saved: dict, current: dict, tuned: bool) -> list[str]:
-    """``key: checkpoint X, config Y`` for each setting that differs (tuned LRs aside when tuned)."""
-    keys = [k for k in sorted(set(saved) | set(current)) if not (tuned and k in TUNED_KEYS)]
-    return [f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+def checkpoint_differences(saved: dict, current: dict, tuned: bool, budgeted: bool = False) -> list[str]:
+    """``key: checkpoint X, config Y`` for each setting that differs (run-only keys never; the tuned
+    LRs not when ``tuned``; the planned epochs not when the current config has a time budget)."""
+    ignore = (TUNED_KEYS if tuned else ()) + (BUDGETED_KEYS if budgeted else ())
+    return [f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+            for k in setting_changes(saved, current, ignore)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +93,7 @@ class FoldCheckpoint:
         lr_source = paths.backbone_dir(entry.slug) / "lr_source.json"
         tuned = lr_source.exists() and "tuned" in artifacts.read_json(lr_source)
         diffs = checkpoint_differences(prediction_settings(saved, saved.backbones[0]),
-                                       prediction_settings(vcfg, bcfg), tuned)
+                                       prediction_settings(vcfg, bcfg), tuned, vcfg.train.time_budget_min is not None)
         if diffs:
             shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
             raise PipelineError(f"{fold_dir} was trained with another config ({shown}); retrain it "

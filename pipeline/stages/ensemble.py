@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config.paths import Paths
+from pipeline.config.run_only import digest_section
 from pipeline.config.schema import Config
 from pipeline.core import artifacts, locks
 from pipeline.domain.tasks import TaskSpec
@@ -35,8 +36,9 @@ def _digest(cfg: Config, names: list[str]) -> str:
     paths = Paths(cfg)
     files = [paths.folds_csv, paths.sample_submission]
     files += [f for n in names for f in (paths.oof_csv(n), paths.test_csv(n))]
-    config_part = {"ensemble": dataclasses.asdict(cfg.ensemble), "submission": dataclasses.asdict(cfg.submission),
-                   "metric": cfg.metric, "data": dataclasses.asdict(cfg.data), "models": names,
+    config_part = {"ensemble": dataclasses.asdict(cfg.ensemble),
+                   "submission": digest_section("submission", dataclasses.asdict(cfg.submission)),
+                   "metric": cfg.metric, "data": digest_section("data", dataclasses.asdict(cfg.data)), "models": names,
                    "version": 2}
     return artifacts.fingerprint(config_part, files)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config.paths import Paths
+from pipeline.config.run_only import digest_section
 from pipeline.config.schema import Config
 from pipeline.core import artifacts, locks
 from pipeline.data.images import PATH
@@ -19,8 +20,8 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
     out = paths.folds_csv
     inputs = [paths.train_csv] if paths.train_csv else []
     listing = [] if paths.train_csv else sorted(str(p) for p in paths.train_dir.rglob("*") if p.is_file())
-    digest = artifacts.fingerprint({"data": cfg.data.__dict__, "folds": cfg.folds.__dict__, "images": listing},
-                                   inputs + [paths.sample_submission])
+    digest = artifacts.fingerprint({"data": digest_section("data", cfg.data.__dict__), "folds": cfg.folds.__dict__,
+                                    "images": listing}, inputs + [paths.sample_submission])
     if not force and artifacts.is_up_to_date([out], digest):
         print(f"folds: {out} is up to date (use --force to redo)")
         return out

@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from pipeline.config.paths import Paths
+from pipeline.config.run_only import digest_section
 from pipeline.config.schema import BackboneConfig, Config, FoldsConfig, dump_config
 from pipeline.core import artifacts, locks
 from pipeline.core.errors import PipelineError
@@ -86,7 +87,8 @@ def holdout_split(table, spec: TaskSpec, cfg: Config, holdout: float) -> np.ndar
 def pretrain_digest(cfg: Config, bcfg: BackboneConfig, holdout: float) -> str:
     """What the checkpoint depends on: the pretraining data, training settings and backbone."""
     paths = Paths(cfg)
-    part = {"data": dataclasses.asdict(cfg.data), "metric": cfg.metric, "train": result_train_config(cfg),
+    part = {"data": digest_section("data", dataclasses.asdict(cfg.data)), "metric": cfg.metric,
+            "train": result_train_config(cfg),
             "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "holdout": holdout,
             "seed": cfg.folds.seed, "lr_schedule": LR_SCHEDULE}
     inputs = [paths.train_csv] if paths.train_csv else []

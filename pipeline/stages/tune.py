@@ -76,6 +76,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from pipeline.config.paths import Paths
+from pipeline.config.run_only import setting_changes
 from pipeline.config.schema import BackboneConfig, Config, dump_config
 from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError
@@ -428,7 +429,7 @@ class TuneRun:
         if recorded is None:
             study.set_user_attr("objective", parts)
             return
-        changed = sorted(k for k in set(parts) | set(recorded) if parts.get(k) != recorded.get(k))
+        changed = setting_changes(recorded, parts)  # run-only keys never count (pipeline.config.run_only)
         if changed:
             raise PipelineError(
                 f"study {self.name} in {shown_url(self.url)} scored its trials under another objective; changed: "

@@ -1,11 +1,12 @@
-"""What a fold's result depends on: the one list of run-only keys and the fold digest that
-decides whether a finished fold is still current."""
+"""What a fold's result depends on: the fold digest that decides whether a finished fold is still
+current (the run-only keys it leaves out are :mod:`pipeline.config.run_only`'s one list)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
 from pipeline.config.paths import Paths
+from pipeline.config.run_only import digest_section
 from pipeline.config.schema import BackboneConfig, Config
 from pipeline.core import artifacts
 from pipeline.engine.backbones import PRETRAINED, pretrained_file
@@ -17,19 +18,17 @@ def fold_outputs(fold_dir: Path, with_test: bool) -> list[Path]:
     return outs + [fold_dir / "test.csv"] if with_test else outs
 
 
-RUN_ONLY_KEYS = ("num_workers", "use_tuned", "device")  # train.* keys that change how, not what
-
-
 def result_train_config(cfg: Config) -> dict:
-    """``cfg.train`` as a dict without the keys that cannot change a result (for fingerprints)."""
-    return {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RUN_ONLY_KEYS}
+    """``cfg.train`` as a dict as digests hash it: its run-only keys cannot change the digest."""
+    return digest_section("train", dataclasses.asdict(cfg.train))
 
 
 def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:
-    """What a fold's result depends on: data, folds, task, metric, training and augmentation."""
+    """What a fold's result depends on: data, folds, task, metric, training and augmentation (the
+    resolved config: its tuned LRs and planned epochs), but no run-only key."""
     paths = Paths(cfg)
     train = result_train_config(cfg)
-    part = {"data": dataclasses.asdict(cfg.data), "metric": cfg.metric, "train": train,
+    part = {"data": digest_section("data", dataclasses.asdict(cfg.data)), "metric": cfg.metric, "train": train,
             "augment": dataclasses.asdict(cfg.augment), "backbone": dataclasses.asdict(bcfg), "fold": fold,
             "lr_schedule": LR_SCHEDULE}
     inputs = [paths.folds_csv, paths.sample_submission] + ([paths.train_csv] if paths.train_csv else [])

@@ -7,11 +7,11 @@ import json
 from dataclasses import dataclass
 
 from pipeline.config.paths import Paths
-from pipeline.config.schema import BackboneConfig, Config
+from pipeline.config.run_only import result_settings, setting_changes
+from pipeline.config.schema import BackboneConfig, Config, flatten
 from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError
 from pipeline.engine.fit import LR_SCHEDULE
-from pipeline.training.fingerprint import result_train_config
 
 
 def apply_tuned(cfg: Config, bcfg: BackboneConfig) -> tuple[Config, dict]:
@@ -63,8 +63,7 @@ def tuned_objective_changes(cfg: Config, bcfg: BackboneConfig, best: dict) -> li
     except PipelineError as exc:
         return [f"the tune settings no longer apply ({exc})"]
     current = json.loads(json.dumps(current))  # as best.json holds it (lists, not tuples)
-    return [f"{k}: {_short(recorded.get(k))} -> {_short(current.get(k))}"
-            for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+    return [f"{k}: {_short(recorded.get(k))} -> {_short(current.get(k))}" for k in setting_changes(recorded, current)]
 
 
 def _short(value, limit: int = 40) -> str:
@@ -122,9 +121,10 @@ def tune_budget(cfg: Config) -> Budget:
 
 
 def objective_parts(cfg: Config, bcfg: BackboneConfig, budget: Budget, space: dict) -> dict:
-    """What a trial's score depends on besides its parameters (flat ``key: value`` pairs)."""
+    """What a trial's score depends on besides its parameters (flat ``key: value`` pairs), no
+    run-only key among them (compare two with :func:`~pipeline.config.run_only.setting_changes`)."""
     paths = Paths(cfg)
-    train = result_train_config(cfg)
+    train = dataclasses.asdict(cfg.train)
     for phase in ("frozen", "unfrozen"):
         train[phase].pop("epochs")
     tuned_keys = {"frozen_lr": ("frozen", "lr"), "unfrozen_lr": ("unfrozen", "lr"),
@@ -141,15 +141,4 @@ def objective_parts(cfg: Config, bcfg: BackboneConfig, budget: Budget, space: di
              "tune.frozen_epochs": budget.frozen_epochs, "tune.unfrozen_epochs": budget.unfrozen_epochs,
              "lr_schedule": LR_SCHEDULE,  # trials scored under another schedule shape do not compare
              "inputs": {p.name: artifacts.file_digest(p) for p in inputs}}
-    return _flatten(parts)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+    return result_settings(flatten(parts))
