@@ -1,4 +1,4 @@
-"""The training run does what the README says: the LR schedule reaches ``lr x min_lr_ratio`` at a
+"""The training run does what docs/training.md says: the LR schedule reaches ``lr x min_lr_ratio`` at a
 phase's last update, AMP picks bf16 only where the GPU has it natively, the GradScaler survives a
 resume, ``train.compile``/``train.deterministic`` act, and the EMA follows a short run.
 

@@ -1,6 +1,6 @@
 """One change at a time: the frozen head (or probe) against fine-tuning, on a few folds.
 
-The quick screen behind the training defaults (README, Training; BENCHMARKS.md, finetune). Per
+The quick screen behind the training defaults (docs/training.md; BENCHMARKS.md, finetune). Per
 fold it prints one JSON line: the validation score after the frozen phase and after each unfrozen
 epoch, the training loss of the frozen phase's last epoch and of the first 10 unfrozen batches,
 and the hidden-test accuracy (against ``solution.csv`` beside the sample submission) of the
