@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 
 from pipeline import tracking
-from pipeline.stages.ensemble import run_ensemble
+from pipeline.config.paths import Paths
 from pipeline.core.errors import PipelineError
+from pipeline.stages.ensemble import run_ensemble
 from pipeline.stages.folds import run_folds
 from pipeline.stages.leaderboard import run_leaderboard
-from pipeline.config.paths import Paths
 from pipeline.stages.train import run_train
 
 TINY = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2", "ensemble.methods=[mean]"]

@@ -19,16 +19,16 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline.core import artifacts
-from pipeline.stages import tune as tune_mod
 from pipeline.cli import main
-from pipeline.config.schema import dump_config
-from pipeline.core.errors import PipelineError
-from pipeline.stages.folds import run_folds
 from pipeline.config.paths import Paths
-from pipeline.training.tuned import apply_tuned
+from pipeline.config.schema import dump_config
+from pipeline.core import artifacts
+from pipeline.core.errors import PipelineError
+from pipeline.stages import tune as tune_mod
+from pipeline.stages.folds import run_folds
 from pipeline.stages.train import run_train
 from pipeline.stages.tune import FINISHED, run_tune, storage_url, study_name
+from pipeline.training.tuned import apply_tuned
 
 FAST = ["train.num_workers=0", "augment.train=[]"]
 FROZEN_ONLY = [*FAST, "tune.frozen_epochs=1", "tune.unfrozen_epochs=0"]

@@ -35,13 +35,7 @@ from pipeline.data.datasets import ImageDataset, SeededSampler
 from pipeline.data.images import PATH, load_image
 from pipeline.data.tables import read_csv, read_train_table, task_spec
 from pipeline.domain.transforms import eval_transform
-from pipeline.engine.fit import (
-    Stepper,
-    build_optimizer,
-    build_scheduler,
-    predict_logits,
-    run_batches,
-)
+from pipeline.engine.fit import Stepper, build_optimizer, build_scheduler, predict_logits, run_batches
 from pipeline.training import phases
 
 

@@ -164,9 +164,7 @@ def best_method(cfg: Config) -> str:
 
 def predict_frame(cfg: Config, method: str, test: pd.DataFrame) -> tuple[pd.DataFrame, TaskSpec, list | None]:
     """Predictions frame (``<id>`` + prediction columns) of ``method`` (or a model id) for ``test``."""
-    from pipeline.ensembles.blend import (
-        apply_params,  # scikit-learn is only needed to fit blends
-    )
+    from pipeline.ensembles.blend import apply_params  # scikit-learn is only needed to fit blends
 
     image_paths = list(test[PATH])
     params_path = Paths(cfg).ensemble_method_dir(method) / "params.json"

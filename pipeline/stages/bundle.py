@@ -119,10 +119,7 @@ def _size(path: Path) -> int:
 
 def run_bundle(cfg: Config, method: str | None = None, fp16: bool = False, out: str | None = None) -> Path:
     """Write the bundle folder for ``method`` (default: the ensemble with the best nested CV)."""
-    from pipeline.ensembles.inference import (
-        FoldCheckpoint,
-        best_method,
-    )
+    from pipeline.ensembles.inference import FoldCheckpoint, best_method
 
     paths = Paths(cfg)
     method = method or best_method(cfg)

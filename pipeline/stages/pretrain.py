@@ -38,12 +38,7 @@ from pipeline.data.splits import assign_folds
 from pipeline.data.tables import read_train_table, task_spec
 from pipeline.domain.metrics import get_metric
 from pipeline.domain.tasks import TaskSpec
-from pipeline.engine.backbones import (
-    PRETRAINED,
-    check_model_name,
-    check_weights,
-    pretrained_file,
-)
+from pipeline.engine.backbones import PRETRAINED, check_model_name, check_weights, pretrained_file
 from pipeline.engine.fit import LR_SCHEDULE
 from pipeline.training.fingerprint import result_train_config
 from pipeline.training.trainer import FoldJob, train_fold

@@ -85,6 +85,7 @@ from pipeline.data.tables import read_folds, task_spec
 from pipeline.domain.metrics import Metric, get_metric
 from pipeline.domain.tasks import TaskSpec
 from pipeline.engine.backbones import check_model_name
+from pipeline.engine.features import FeatureStore
 from pipeline.engine.fit import NonFiniteLoss
 from pipeline.training.trainer import FoldJob, FoldResult, train_fold
 from pipeline.training.tuned import Budget, objective_parts, tune_budget
@@ -241,6 +242,7 @@ class Objective:
         self.metric = get_metric(cfg.metric, spec.task)
         self.per_fold = cfg.tune.pruner == "wilcoxon"  # one value per fold, step = fold
         self.feature_cache_dir = Paths(cfg).feature_cache_dir(bcfg.slug)
+        self.store = FeatureStore()  # every trial of this process reuses the frozen features
         self.epochs_run = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -307,7 +309,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at fold {fold} epoch {epoch}: {self.metric.name} {value:.4f}")
 
         job = FoldJob(cfg=cfg, bcfg=self.bcfg, spec=self.spec, table=self.table, fold=fold, report=report,
-                      progress=False, feature_cache_dir=self.feature_cache_dir)
+                      progress=False, feature_cache_dir=self.feature_cache_dir, store=self.store)
         try:
             return train_fold(job), ""
         except optuna.TrialPruned as exc:

@@ -50,11 +50,6 @@ def apply_tuned(cfg: Config, bcfg: BackboneConfig) -> tuple[Config, dict]:
 def tuned_objective_changes(cfg: Config, bcfg: BackboneConfig, best: dict) -> list[str]:
     """``key: tuned -> now`` for each setting of the study's objective (recorded in best.json by the
     tune stage) that this config changes; empty when they match."""
-    from pipeline.training.tuned import (  # tune imports this module
-        objective_parts,
-        tune_budget,
-    )
-
     recorded = best.get("objective")
     if recorded is None:
         return ["best.json records no objective (written by an older version; `make tune` rewrites it)"]
