@@ -392,8 +392,8 @@ def timeline(cfg: Config, unfrozen_epochs: int = 1) -> list[tuple[str, float, st
         steps.append((name, time.perf_counter() - start, what))
         return result
 
-    timed("start-up", "a fresh `python -c 'import pipeline.train'` (torch, timm, albumentations, ...)",
-          lambda: subprocess.run([sys.executable, "-c", "import pipeline.train"], check=True))
+    timed("start-up", "a fresh `python -c 'import pipeline.stages.train'` (torch, timm, albumentations, ...)",
+          lambda: subprocess.run([sys.executable, "-c", "import pipeline.stages.train"], check=True))
     run_folds(c)
     table, test = read_folds(c), read_test_table(c, check_readable=False)
     timed("image check", f"decoding all {len(table) + len(test)} train and test images once (first run only: "

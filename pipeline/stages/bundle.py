@@ -26,6 +26,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+import pipeline
 from pipeline.config.paths import Paths
 from pipeline.config.schema import Config, dump_config, load_config
 from pipeline.core import artifacts
@@ -54,7 +55,7 @@ METHOD = {method!r}  # the ensemble method (or model id) this bundle was made fo
 def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are here; never reach for the hub
     sys.path.insert(0, str(sorted(HERE.glob("pipeline-*.whl"))[-1]))  # this bundle's own pipeline
-    from pipeline.bundle import predict_from_bundle
+    from pipeline.stages.bundle import predict_from_bundle
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test-dir", required=True, help="folder of the test images")
@@ -82,7 +83,7 @@ def bundle_models(cfg: Config, method: str) -> list[str]:
 
 def build_wheel(dest: Path) -> Path:
     """This package as a wheel, built by pip from the project's source (``pyproject.toml``)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(pipeline.__file__).resolve().parent.parent  # the repository: pipeline/'s parent
     if not (root / "pyproject.toml").exists():
         raise PipelineError(f"`bundle` builds the pipeline's wheel from its source, and {root} has no pyproject.toml; "
                             f"run it from a clone of the repository")
