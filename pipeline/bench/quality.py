@@ -119,7 +119,7 @@ def bench_lpft(cfg: Config, folds: tuple[int, ...] = (0, 1, 2)) -> str:
 # ----------------------------------------------------------------------------- finetune and keep
 
 
-def _solution_targets(cfg: Config, spec, test) -> np.ndarray:
+def solution_targets(cfg: Config, spec, test) -> np.ndarray:
     """The hidden test labels (``solution.csv`` beside the sample submission) in the test's order."""
     from pipeline.core.errors import PipelineError
     from pipeline.data.tables import read_csv, require_columns
@@ -199,7 +199,7 @@ def bench_finetune(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
         table = read_folds(c)
         spec, test = task_spec(c, table), read_test_table(c)
         metric = get_metric(c.metric, spec.task)
-        y, y_test = spec.encode(table), _solution_targets(c, spec, test)
+        y, y_test = spec.encode(table), solution_targets(c, spec, test)
         chance = float(np.log(spec.num_outputs)) if spec.task == "multiclass" else float(np.log(2))
         kept: dict[str, dict] = {}
         for fold in range(c.folds.n_splits):

@@ -36,7 +36,7 @@ from pipeline.config.schema import BackboneConfig, Config, dump_config
 from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
-SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "gpu")
+SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -64,11 +64,18 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
         if rows is not None:
             _write_section(path, "gpu", f"## GPU: `make bench {config}ARGS=\"--sections gpu\"` on {machine()}, "
                                         f"{time.strftime('%Y-%m-%d')}\n\n{_table(rows)}")
+    from pipeline.bench import photos as bench_photos
     from pipeline.bench import quality as bench_quality
     quality = {"tune": ("Tuned vs default learning rates", bench_quality.bench_tune),
                "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft),
                "finetune": ("Fine-tuning against the frozen head, and which weights to keep",
-                            bench_quality.bench_finetune)}
+                            bench_quality.bench_finetune),
+               "frozen": ("A stronger frozen path: the probe on several views of each image",
+                          lambda c: bench_photos.run_recipes(c, "frozen")),
+               "features": ("A feature ensemble: one probe over several backbones' frozen features",
+                            bench_photos.feature_ensemble),
+               "unfreeze": ("Unfreeze only where it pays: never, always, auto (fold 0 decides)",
+                            lambda c: bench_photos.run_recipes(c, "unfreeze"))}
     for name, (title, measure) in quality.items():
         if name in sections:
             body = measure(cfg)

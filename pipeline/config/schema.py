@@ -33,6 +33,7 @@ PRUNERS = ("median", "hyperband", "wilcoxon", "none")
 SAMPLERS = ("tpe", "random")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 KEEP = ("best", "last", "swa")  # which weights of a fold are kept (train.keep)
+UNFREEZE = ("always", "never", "auto")
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -139,7 +140,7 @@ class PhaseConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     frozen: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=1, lr=3e-3))
-    # photo defaults measured on ../shared/devdata/scenes (README, Training): one LR for the whole
+    # photo defaults measured on ../shared/devdata/scenes (docs/training.md): one LR for the whole
     # network, low enough that the probe's head and the pretrained features are not thrown away
     unfrozen: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=3, lr=1e-4, backbone_lr_mult=1.0,
                                                                       warmup_epochs=0.5))
@@ -159,6 +160,8 @@ class TrainConfig:
     time_budget_min: Optional[float] = None  # fit train-folds into this many minutes (chooses unfrozen epochs)
     min_unfrozen_epochs: int = 1  # early stopping never ends the unfrozen phase before this many epochs
     keep: str = "best"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
+    unfreeze: str = "always"  # always | never (frozen-only) | auto: fold 0 decides, with a paired test, whether to
+    unfreeze_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])  # auto: unfrozen LRs it screens
     swa_epochs: int = 2
     freeze_bn: bool = True  # unfrozen phase: BatchNorm keeps its pretrained running statistics
     adapt_bn: bool = False  # re-estimate BatchNorm statistics on the train images before the frozen phase
@@ -171,6 +174,7 @@ class TrainConfig:
     cache_images: bool = False  # decoded, resized images in memory
     cache_features: bool = True  # frozen phase on cached pooled features when possible
     linear_probe: bool = True  # fit the head to convergence on cached features (LP-FT)
+    probe_views: list[str] = field(default_factory=lambda: ["identity"])  # TTA views the probe trains on
     use_tuned: str = "auto"  # auto (use tune/best.json when present) | true | false
     seed: int = 42
     deterministic: bool = False  # deterministic kernels, cuDNN without autotuning (slower)
@@ -193,6 +197,10 @@ class TrainConfig:
         _check(self.use_tuned in ("auto", "true", "false"), f"{key}.use_tuned", "valid: auto, true, false")
         _check(self.keep in KEEP, f"{key}.keep", f"'{self.keep}' is not a choice; valid: {', '.join(KEEP)}")
         _check(self.swa_epochs >= 1, f"{key}.swa_epochs", "must be at least 1")
+        _check(self.unfreeze in UNFREEZE, f"{key}.unfreeze",
+               f"'{self.unfreeze}' is not a choice; valid: {', '.join(UNFREEZE)}")
+        _check(all(isinstance(lr, (int, float)) and lr > 0 for lr in self.unfreeze_lrs), f"{key}.unfreeze_lrs",
+               f"{self.unfreeze_lrs}: list positive learning rates (or none: screen only train.unfrozen.lr)")
         _check(self.time_budget_min is None or self.time_budget_min > 0, f"{key}.time_budget_min",
                "must be > 0 minutes or null")
         _check(self.min_unfrozen_epochs >= 0, f"{key}.min_unfrozen_epochs", "must be >= 0")
@@ -200,6 +208,9 @@ class TrainConfig:
                f"'{self.amp_dtype}' is not a precision; valid: {', '.join(AMP_DTYPES)}")
         _check(self.num_workers is None or self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
         _check_optimizer(self.optimizer, f"{key}.optimizer")
+        from pipeline.domain.transforms import TTA_VIEWS  # local import: transforms import albumentations
+        _check(len(self.probe_views) >= 1 and all(v in TTA_VIEWS for v in self.probe_views), f"{key}.probe_views",
+               f"{self.probe_views}: list one or more TTA views; valid: {', '.join(TTA_VIEWS)}")
         _check(self.frozen.optimizer is None or not self.linear_probe, f"{key}.frozen.optimizer",
                f"'{self.frozen.optimizer}' would never run: train.linear_probe is true, which fits the head with "
                f"L-BFGS instead of frozen epochs; set train.linear_probe=false or train.frozen.optimizer=null")
@@ -230,9 +241,7 @@ class AugmentConfig:
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
 
     def validate(self, key: str) -> None:
-        from pipeline.domain.transforms import (
-            TTA_VIEWS,  # local import: augment imports albumentations
-        )
+        from pipeline.domain.transforms import TTA_VIEWS  # local import: augment imports albumentations
         for i, spec in enumerate(self.train):
             _check(isinstance(spec, dict) and "name" in spec, f"{key}.train[{i}]",
                    "each transform is a mapping with a 'name' (an albumentations class) and its arguments")
@@ -382,9 +391,7 @@ class Config:
     submissions_dir: str = "submissions"
 
     def validate(self) -> None:
-        from pipeline.domain.metrics import (
-            METRICS,  # local import keeps config import-light
-        )
+        from pipeline.domain.metrics import METRICS  # local import keeps config import-light
         _check(bool(self.name) and "/" not in self.name, "name", "give a plain experiment name (used in file names)")
         self.data.validate("data")
         self.folds.validate("folds")

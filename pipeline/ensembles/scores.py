@@ -99,17 +99,32 @@ def honest_score(frame: pd.DataFrame) -> pd.Series:
     return nested.fillna(pd.to_numeric(frame["cv_mean"], errors="coerce"))
 
 
-def honesty(cv: dict, kind: str) -> str:
-    """How far a row's score can be trusted, in a few words: nested CV for fitted blends; for a
-    backbone, whether its epochs were picked on the rows it is scored on and whether its LRs were
-    tuned on some of its folds (``cv_untuned`` is then the CV of the others)."""
+def honesty(cv: dict, kind: str, members: list[dict] | None = None) -> str:
+    """How far a row's score can be trusted, in a few words, naming every selection its score
+    includes: for a backbone, whether its epochs were picked on the rows it is scored on, whether
+    its LRs were tuned and whether unfreezing was decided on some of its folds (``cv_untuned`` is
+    then the CV of the others); an ensemble's nested CV covers the blend, and it inherits what its
+    members' scores include (``members``: their cv.json)."""
     if kind == "ensemble":
-        return "nested CV" if cv.get("nested_cv") is not None else "plain average"
-    parts = ["optimistic: epoch picked on validation" if str(cv.get("selection", "")).startswith("optimistic")
-             else "untouched folds"]
+        blend = "nested CV" if cv.get("nested_cv") is not None else "plain average"
+        inherited = [part for part in dict.fromkeys(p for m in members or [] for p in _selections(m))]
+        if not inherited:
+            return f"{blend}; members on untouched folds" if members else blend
+        return f"optimistic: {blend} of members whose " + "; ".join(inherited)
+    parts = _selections(cv)
+    return "optimistic: " + "; ".join(parts) if parts else "untouched folds"
+
+
+def _selections(cv: dict) -> list[str]:
+    """The selections on validation rows a model's CV includes."""
+    parts = []
+    if str(cv.get("selection", "")).startswith("optimistic"):
+        parts.append("epoch picked on validation")
     if cv.get("tuned_folds"):
         parts.append(f"LRs tuned on folds {cv['tuned_folds']}")
-    return "; ".join(parts)
+    if cv.get("decided_folds"):
+        parts.append(f"unfreezing decided on folds {cv['decided_folds']}")
+    return parts
 
 
 def _entries(cfg: Config) -> list[tuple[str, str, Path, Path, Path]]:
@@ -129,11 +144,13 @@ def collect(cfg: Config) -> tuple[pd.DataFrame, dict[str, list[float]], dict[str
         if not cv_path.exists():
             continue
         cv = read_cv(cv_path)
+        members = [read_cv(Paths(cfg).cv_json(m)) for m in cv.get("models", []) if Paths(cfg).cv_json(m).exists()]
         mean, std = mean_std(cv["folds"])
         rows.append({"experiment": cfg.name, "model": model, "kind": kind, "metric": cv["metric"],
                      "cv_mean": mean, "cv_std": std, "oof": _number(cv["oof"]),
                      "nested_cv": _number(cv.get("nested_cv")) if kind == "ensemble" else float("nan"),
-                     "cv_untuned": _number(cv.get("cv_untuned")), "honesty": honesty(cv, kind),
+                     "cv_untuned": _number(cv.get("cv_untuned")),
+                     "honesty": honesty(cv, kind, members if kind == "ensemble" else None),
                      "public_lb": public_score(log, submission),
                      "submission": str(submission) if submission.exists() else "",
                      "created_at": _created_at(cv, cv_path),

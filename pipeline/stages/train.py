@@ -36,6 +36,7 @@ from pipeline.training.fingerprint import fold_digest, fold_is_done
 from pipeline.training.pseudo_labels import with_pseudo_labels
 from pipeline.training.trainer import FoldJob, FoldResult, train_fold
 from pipeline.training.tuned import apply_tuned
+from pipeline.training.unfreeze import resolve_unfreeze
 
 
 def _summary(bcfg: BackboneConfig, fold: int, result: FoldResult, metric: str, seconds: float) -> str:
@@ -75,6 +76,7 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
         bcfg_cfg, bcfg = cfg.variant(entry)
         bcfg_cfg, source = apply_tuned(bcfg_cfg, bcfg)
         bcfg_cfg, plan = planned_config(bcfg_cfg, bcfg, spec, spec.encode(table), len(test), max(jobs, gpus))
+        bcfg_cfg, decision = resolve_unfreeze(bcfg_cfg, bcfg, spec, fit_table, store)  # train.unfreeze
         bdir = paths.backbone_dir(bcfg.slug)
         if main:
             _write_resolved(bcfg_cfg, bcfg, source, bdir)
@@ -94,7 +96,7 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
                 distributed.barrier()
         if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
             tuned_folds = list(cfg.tune.folds) if "tuned" in source else []
-            cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test, tuned_folds)
+            cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test, tuned_folds, decision)
             tracking.end_model(bcfg_cfg, bcfg, cv)
             print(f"{bcfg.slug}: CV {cv['metric']} {fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, OOF {fmt_score(cv['oof'])} "
                   f"-> {paths.cv_json(bcfg.slug)}\n  {honesty_note(cv)}")

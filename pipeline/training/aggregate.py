@@ -16,12 +16,13 @@ from pipeline.training.fingerprint import total_epochs
 
 
 def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table: pd.DataFrame,
-                       test: pd.DataFrame, tuned_folds: list[int] | None = None) -> dict:
+                       test: pd.DataFrame, tuned_folds: list[int] | None = None, decision: dict | None = None) -> dict:
     """Per-backbone ``oof.csv`` (every train row once), fold-averaged ``test.csv``, ``cv.json``.
 
     Two selections on validation rows make a CV optimistic, and cv.json says which happened:
     ``train.keep: best`` picks each fold's epoch by its own validation score (``selection``), and
-    a tune study picked the LRs on ``tuned_folds``; ``cv_untuned`` is the mean over the other folds."""
+    a tune study picked the LRs on ``tuned_folds``, and ``train.unfreeze: auto`` (``decision``) chose
+    on ``decided_folds`` whether to unfreeze; ``cv_untuned`` is the mean over the other folds."""
     paths, id_col, metric = Paths(cfg), cfg.data.id_column, get_metric(cfg.metric, spec.task)
     n = cfg.folds.n_splits
     oofs = [pd.read_csv(paths.fold_dir(bcfg.slug, k) / "oof.csv", dtype={id_col: str}, keep_default_na=False)
@@ -44,9 +45,10 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
     cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better,
           "folds": [finite(v) for v in fold_scores], "oof": finite(score(metric, spec, y, preds)),
           "cv_mean": finite(np.nanmean(fold_scores)), "cv_std": finite(np.nanstd(fold_scores))}
-    untouched = [s for k, s in enumerate(fold_scores) if k not in (tuned_folds or [])]
+    decided = [] if decision is None else [decision["fold"]]
+    untouched = [s for k, s in enumerate(fold_scores) if k not in (tuned_folds or []) and k not in decided]
     kept = [artifacts.read_json(paths.fold_dir(bcfg.slug, k) / "kept.json")["kept"] for k in range(n)]
-    cv.update(tuned_folds=sorted(tuned_folds or []),
+    cv.update(tuned_folds=sorted(tuned_folds or []), decided_folds=decided, unfreeze=decision,
               cv_untuned=finite(np.nanmean(untouched)) if untouched else None,
               keep=cfg.train.keep, kept=kept,
               selection=("optimistic: each fold's epoch was picked on its own validation rows"
@@ -75,11 +77,12 @@ def aggregate_seed_mean(cfg: Config, group: str, members: list[BackboneConfig], 
     fold_scores = [score(metric, spec, y[folds == k], preds[folds == k]) for k in range(cfg.folds.n_splits)]
     member_cvs = [artifacts.read_json(paths.cv_json(m.slug)) for m in members]
     tuned = sorted({k for cv in member_cvs for k in cv.get("tuned_folds", [])})
-    untouched = [s for k, s in enumerate(fold_scores) if k not in tuned]
+    decided = sorted({k for cv in member_cvs for k in cv.get("decided_folds", [])})
+    untouched = [s for k, s in enumerate(fold_scores) if k not in tuned and k not in decided]
     cv = {"metric": metric.name, "greater_is_better": metric.greater_is_better,
           "folds": [finite(v) for v in fold_scores], "oof": finite(score(metric, spec, y, preds)),
           "cv_mean": finite(np.nanmean(fold_scores)), "cv_std": finite(np.nanstd(fold_scores)),
-          "members": [m.slug for m in members], "tuned_folds": tuned,
+          "members": [m.slug for m in members], "tuned_folds": tuned, "decided_folds": decided,
           "cv_untuned": finite(np.nanmean(untouched)) if untouched else None,
           "keep": member_cvs[0].get("keep"), "selection": member_cvs[0].get("selection", "")}
     if (table[id_col].astype(str).to_numpy() != oof[id_col].to_numpy(str)).any():
@@ -98,6 +101,9 @@ def honesty_note(cv: dict) -> str:
     """One line on how far a backbone's CV can be trusted: epoch selection and tuning folds."""
     parts = [f"epoch selection {cv['selection']}"]
     if cv.get("tuned_folds"):
-        parts.append(f"the LRs were tuned on folds {cv['tuned_folds']}, which are inside this CV; "
-                     f"the untouched folds score {fmt_score(cv['cv_untuned'])}")
+        parts.append(f"the LRs were tuned on folds {cv['tuned_folds']}, which are inside this CV")
+    if cv.get("decided_folds"):
+        parts.append(f"train.unfreeze auto decided on folds {cv['decided_folds']}, which are inside this CV")
+    if cv.get("tuned_folds") or cv.get("decided_folds"):
+        parts.append(f"the untouched folds score {fmt_score(cv['cv_untuned'])}")
     return "; ".join(parts)

@@ -73,10 +73,11 @@ def linear_probe(trainer) -> None:
     set_frozen(model, True)
     frozen_train_mode(model)
     feats = trainer.frozen_features()
+    views = [feats if v == "identity" else trainer.frozen_features(v) for v in trainer.tcfg.probe_views]
     start = time.perf_counter()
     tr, va = (torch.as_tensor(i, device=feats.device) for i in (data.train_idx, data.valid_idx))
     y_train = data.y_t[data.train_idx].to(feats.device)
-    weight, bias, strength = fit_linear_probe(trainer.job.spec, trainer.loss_fn, feats[tr], y_train,
+    weight, bias, strength = fit_linear_probe(trainer.job.spec, trainer.loss_fn, [v[tr] for v in views], y_train,
                                               seed=trainer.tcfg.seed + trainer.job.fold)
     with torch.no_grad():
         head.weight.copy_(weight)
@@ -84,7 +85,8 @@ def linear_probe(trainer) -> None:
         train_loss = float(trainer.loss_fn(head(feats[tr]).float(), y_train))
         valid_logits = head(feats[va]).float().cpu()
     seconds = time.perf_counter() - start
-    trainer.notes.append(f"linear probe: L2 {strength:g} chosen by held-out loss on the train rows, "
+    on = "" if len(views) == 1 else f" on {len(views)} views ({', '.join(trainer.tcfg.probe_views)})"
+    trainer.notes.append(f"linear probe{on}: L2 {strength:g} chosen by held-out loss on the train rows, "
                          f"fitted in {seconds:.1f} s")
     stats = {"train_loss": train_loss, "seconds": seconds, "images_per_s": len(tr) / max(seconds, 1e-9)}
     trainer.end_epoch(0, "frozen", NO_LRS, stats, valid_logits, None)

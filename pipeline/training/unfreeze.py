@@ -1,0 +1,209 @@
+"""``train.unfreeze``: whether (and at which LR) the folds fine-tune the whole network, decided per
+backbone from evidence (``auto``), or fixed (``always``; ``never`` is the frozen-only path).
+
+``auto`` looks at fold 0 only. Its linear probe is trained once; then each LR of
+``train.unfreeze_lrs`` trains fold 0 for one unfrozen epoch, and the LR that lowers the per-row
+validation loss most replaces ``train.unfrozen.lr`` only when a paired bootstrap over those rows
+says so (one-sided p < ``ALPHA``). The chosen LR then finishes fold 0's unfrozen epochs (kept:
+the last epoch, so no epoch is picked on the rows that judge), and the remaining folds unfreeze
+only when that model's per-row loss beats the probe's on fold 0's validation rows by more than
+the noise (the same paired test). Otherwise every fold runs frozen-only, on cached features.
+
+Fold 0's validation rows made the choice, so they count as a selection: ``cv.json`` lists fold 0
+in ``tuned_folds`` (``cv_untuned`` is the mean of the other folds) and records the decision with
+its evidence under ``unfreeze``. The screening runs live in ``runs/<exp>/<id>/unfreeze/``, resume
+like any fold, and the decision is kept in ``unfreeze.json`` while fold 0's inputs are unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config.paths import Paths
+from pipeline.config.schema import BackboneConfig, Config
+from pipeline.core import artifacts
+from pipeline.engine.features import FeatureStore
+from pipeline.training.fingerprint import fold_digest
+from pipeline.training.trainer import FoldJob, FoldTrainer
+
+ALPHA = 0.05  # one-sided significance of a paired improvement
+BOOTSTRAP = 4000
+FOLD = 0  # the fold that decides
+
+
+class _Paused(Exception):
+    """A screening run stops after its first unfrozen epoch (its resume file is written)."""
+
+
+def paired_gain(base: np.ndarray, new: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """Mean per-row improvement ``base - new`` (losses: positive is better) and the one-sided
+    bootstrap p-value of no improvement (resampling rows, pairs kept together)."""
+    diff = np.asarray(base, dtype=float) - np.asarray(new, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))].mean(axis=1)
+    return float(diff.mean()), float((means <= 0).mean())
+
+
+def mcnemar_p(base_right: np.ndarray, new_right: np.ndarray) -> float | None:
+    """Exact one-sided McNemar p-value that ``new`` is right more often than ``base``."""
+    from scipy.stats import binomtest
+
+    wins, losses = int((new_right & ~base_right).sum()), int((base_right & ~new_right).sum())
+    return None if wins + losses == 0 else float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+
+
+def resolve_unfreeze(cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore) -> tuple[Config, dict | None]:
+    """The config the folds train with, and the decision record (None unless ``auto`` decided)."""
+    t = cfg.train
+    if t.unfreeze == "never" or (t.unfreeze == "auto" and t.unfrozen.epochs == 0):
+        return _with(cfg, epochs=0), None
+    if t.unfreeze == "always":
+        return cfg, None
+    path = Paths(cfg).backbone_dir(bcfg.slug) / "unfreeze.json"
+    digest = fold_digest(cfg, bcfg, FOLD)
+    saved = artifacts.read_json(path) if path.exists() else None
+    if saved is not None and saved.get("digest") == digest:
+        decision = saved["decision"]
+        print(f"{bcfg.slug}: train.unfreeze auto: {decision['summary']} (decided before: {path})")
+    else:
+        decision = decide(cfg, bcfg, spec, table, store)
+        artifacts.write_json(path, {"digest": digest, "decision": decision})
+        print(f"{bcfg.slug}: train.unfreeze auto: {decision['summary']} -> {path}")
+    if decision["unfreeze"]:
+        return _with(cfg, lr=decision["lr"]), decision
+    return _with(cfg, epochs=0), decision
+
+
+def _with(cfg: Config, epochs: int | None = None, lr: float | None = None) -> Config:
+    """The resolved config: ``unfreeze`` becomes ``always`` (the decision is in the epochs and LR), so
+    fold processes do not decide again and a frozen-only run has the digests of ``never``."""
+    unfrozen = cfg.train.unfrozen
+    unfrozen = dataclasses.replace(unfrozen, epochs=unfrozen.epochs if epochs is None else epochs,
+                                   lr=unfrozen.lr if lr is None else lr)
+    return cfg.replace(train=dataclasses.replace(cfg.train, unfrozen=unfrozen, unfreeze="always"))
+
+
+def decide(cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore) -> dict:
+    start, t = time.perf_counter(), cfg.train
+    lrs = list(dict.fromkeys([t.unfrozen.lr, *t.unfreeze_lrs]))  # the configured LR is the incumbent
+    runs = {lr: _Screen(cfg, bcfg, spec, table, store, lr) for lr in lrs}
+    first = {lr: run.first_epoch_losses() for lr, run in runs.items()}
+    chosen, lr_evidence = t.unfrozen.lr, {}
+    if len(lrs) > 1:
+        best = min(lrs, key=lambda lr: first[lr].mean())
+        gain, p = paired_gain(first[t.unfrozen.lr], first[best], seed=t.seed)
+        lr_evidence = {"first_epoch_loss": {f"{lr:g}": float(first[lr].mean()) for lr in lrs},
+                       "best": best, "gain_over_config_lr": gain, "p": p}
+        if best != t.unfrozen.lr and gain > 0 and p < ALPHA:
+            chosen = best
+    probe, (tuned, tuned_right) = runs[chosen].probe_losses(), runs[chosen].final_losses()
+    gain, p = paired_gain(probe[0], tuned, seed=t.seed)
+    unfreeze = gain > 0 and p < ALPHA
+    mcnemar = mcnemar_p(probe[1], tuned_right) if probe[1] is not None else None
+    epochs = t.unfrozen.epochs
+    verdict = (f"unfreeze at lr {chosen:g}" if unfreeze else "frozen-only (the probe)")
+    summary = (f"{verdict}: on fold {FOLD}'s {len(tuned)} validation rows, {epochs} unfrozen epochs at lr {chosen:g} "
+               f"change the per-row loss by {-gain:+.4f} against the probe (paired bootstrap p = {p:.3f}"
+               + (f", McNemar p = {mcnemar:.3f}" if mcnemar is not None else "") + f"; unfreezing needs p < {ALPHA})")
+    if len(lrs) > 1:
+        summary += f"; LR {chosen:g} of {', '.join(f'{lr:g}' for lr in lrs)} (first-epoch p = {lr_evidence['p']:.3f})"
+    return {"unfreeze": bool(unfreeze), "lr": chosen, "rows": len(tuned), "fold": FOLD, "loss_gain": gain,
+            "p": p, "mcnemar_p": mcnemar, "lrs": lr_evidence, "alpha": ALPHA, "unfrozen_epochs": epochs,
+            "seconds": time.perf_counter() - start, "summary": summary}
+
+
+def selection_folds(decision: dict | None) -> list[int]:
+    """The folds whose validation rows made the decision (they are a selection, like tuning folds)."""
+    return [] if decision is None else [decision["fold"]]
+
+
+class _Screen:
+    """Fold 0 trained at one unfrozen LR in its own folder (resumable), kept: the last epoch. Its
+    per-row validation losses (and correctness, for classification) after the probe, after the
+    first unfrozen epoch and after the last are written beside it, so a resumed decision reuses them."""
+
+    def __init__(self, cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore, lr: float):
+        train = dataclasses.replace(cfg.train, keep="last", unfreeze="always", early_stopping_patience=None,
+                                    unfrozen=dataclasses.replace(cfg.train.unfrozen, lr=lr))
+        self.cfg, self.bcfg, self.spec, self.table, self.store = cfg.replace(train=train), bcfg, spec, table, store
+        paths = Paths(self.cfg)
+        self.dir = paths.backbone_dir(bcfg.slug) / "unfreeze" / f"lr{lr:g}"
+        self.n_frozen = 1 if train.linear_probe else train.frozen.epochs
+        self.digest = fold_digest(self.cfg, bcfg, FOLD)
+        self.record_path = self.dir / "losses.json"
+        record = artifacts.read_json(self.record_path) if self.record_path.exists() else {}
+        self.record = record if record.get("digest") == self.digest else {"digest": self.digest}
+
+    def first_epoch_losses(self) -> np.ndarray:
+        if "first" not in self.record:
+            self._train(pause=True)
+        return np.asarray(self.record["first"]["loss"])
+
+    def probe_losses(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if "probe" not in self.record:
+            self._train(pause=True)
+        return np.asarray(self.record["probe"]["loss"]), _right(self.record["probe"])
+
+    def final_losses(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if "final" not in self.record:
+            self._train(pause=False)
+        return np.asarray(self.record["final"]["loss"]), _right(self.record["final"])
+
+    def _train(self, pause: bool) -> None:
+        holder: list[FoldTrainer] = []
+        last = self.n_frozen + self.cfg.train.unfrozen.epochs - 1
+
+        def report(epoch: int, value: float) -> None:
+            trainer = holder[0]
+            if epoch == self.n_frozen - 1:
+                self._remember("probe", trainer, trainer.model)
+            elif epoch == self.n_frozen:
+                self._remember("first", trainer, trainer.eval_model)
+                if pause and epoch < last:
+                    raise _Paused
+            if epoch == last:
+                self._remember("final", trainer, trainer.eval_model)
+
+        job = FoldJob(self.cfg, self.bcfg, self.spec, self.table, FOLD, None, self.dir, self.digest, report=report,
+                      progress=False, feature_cache_dir=Paths(self.cfg).feature_cache_dir(self.bcfg.slug),
+                      store=self.store)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        holder.append(FoldTrainer(job))
+        try:  # resumable: the fold's resume file is written after every epoch
+            holder[0].run()
+        except _Paused:
+            pass
+        missing = [k for k in ("probe", "first") + (() if pause else ("final",)) if k not in self.record]
+        if missing and "probe" in missing:  # resumed past the probe: its rows come from a fresh probe
+            self._probe_again()
+
+    def _probe_again(self) -> None:
+        train = dataclasses.replace(self.cfg.train, unfreeze="never",
+                                    unfrozen=dataclasses.replace(self.cfg.train.unfrozen, epochs=0))
+        cfg = self.cfg.replace(train=train)
+        trainer = FoldTrainer(FoldJob(cfg, self.bcfg, self.spec, self.table, FOLD, progress=False,
+                                      feature_cache_dir=Paths(cfg).feature_cache_dir(self.bcfg.slug), store=self.store))
+        if train.linear_probe:
+            trainer.linear_probe_phase()
+        else:
+            trainer.frozen_phase(train.frozen, 0)
+        self._remember("probe", trainer, trainer.model)
+
+    def _remember(self, name: str, trainer: FoldTrainer, model) -> None:
+        rows = trainer.data.valid_idx
+        logits = trainer.predict(model, rows)[0].float()
+        y = trainer.data.y_t[rows]
+        per_row = torch.func.vmap(lambda lo, t: trainer.loss_fn(lo[None], t[None]))(logits, y)
+        entry = {"loss": per_row.tolist()}
+        if self.spec.task in ("multiclass", "binary"):
+            pred = logits.argmax(1) if self.spec.task == "multiclass" else (logits.view(-1) > 0).long()
+            entry["right"] = (pred == y.view(-1).long()).tolist()
+        self.record[name] = entry
+        artifacts.write_json(self.record_path, self.record)
+
+
+def _right(entry: dict) -> np.ndarray | None:
+    return np.asarray(entry["right"], dtype=bool) if "right" in entry else None
