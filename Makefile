@@ -7,14 +7,16 @@ WORKERS ?= 1
 FILE ?=
 MESSAGE ?=
 FROM ?=
+DATA ?=
+NAME ?=
 RUN = $(PYTHON) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo-data folds pretrain train-folds lr-find tune ensemble pseudo predict bundle leaderboard submit lb-sync bench demo test clean
+.PHONY: help install init demo-data folds pretrain train-folds lr-find tune ensemble pseudo predict bundle leaderboard submit lb-sync bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' JOBS=N WORKERS=N FILE=... MESSAGE=... FROM=..."
+	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' JOBS=N WORKERS=N FILE=... MESSAGE=... FROM=... DATA=... NAME=..."
 
 .venv/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv .venv
@@ -23,6 +25,10 @@ help: ## list the targets
 	touch $@
 
 install: .venv/.installed ## create .venv and install the project with its dev extra
+
+init: .venv/.installed ## DATA=data/<competition> [NAME=...]: infer configs/<name>.yaml, write runs/<name>/data_report.md
+	@test -n "$(DATA)" || { echo "usage: make init DATA=data/<competition> [NAME=<name>] [ARGS=data.id_column=...]" >&2; exit 2; }
+	$(RUN) init "$(DATA)" $(if $(NAME),--name "$(NAME)") $(ARGS)
 
 demo-data: .venv/.installed ## write the digits demo data into data/digits/
 	$(RUN) demo-data

@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="data/digits")
     p.add_argument("--force", action="store_true")
 
+    p = sub.add_parser("init", help="read a competition folder: write configs/<name>.yaml and runs/<name>/data_report.md")
+    p.add_argument("data_dir", help="the competition folder (train.csv or class sub-folders, sample_submission.csv, "
+                                    "image folders)")
+    p.add_argument("--name", help="experiment and config name (default: the folder's name)")
+    p.add_argument("given", nargs="*", metavar="data.key=value",
+                   help="data keys to take as given instead of inferring them (e.g. data.id_column=image)")
+
     p = sub.add_parser("folds", help="assign train rows to folds: folds/<exp>.csv")
     _common(p)
 
@@ -131,6 +138,9 @@ def run(args: argparse.Namespace) -> Path | None:
     if args.command == "demo-data":
         from pipeline.stages.demo_data import run_demo_data
         return run_demo_data(args.root, force=args.force)
+    if args.command == "init":
+        from pipeline.stages.init import run_init
+        return run_init(args.data_dir, name=args.name, given_words=args.given)
 
     from pipeline.config.schema import load_config
     cfg = load_config(args.config, args.overrides)
