@@ -89,8 +89,14 @@ def _with(cfg: Config, epochs: int | None = None, lr: float | None = None) -> Co
 def decide(cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore) -> dict:
     start, t = time.perf_counter(), cfg.train
     lrs = list(dict.fromkeys([t.unfrozen.lr, *t.unfreeze_lrs]))  # the configured LR is the incumbent
+    print(f"{bcfg.slug}: train.unfreeze auto: fold {FOLD} screens unfrozen LRs {', '.join(f'{lr:g}' for lr in lrs)} "
+          f"(one epoch each), then finishes the best and compares it with the probe")
     runs = {lr: _Screen(cfg, bcfg, spec, table, store, lr) for lr in lrs}
-    first = {lr: run.first_epoch_losses() for lr, run in runs.items()}
+    first = {}
+    for lr, run in runs.items():
+        first[lr] = run.first_epoch_losses()
+        print(f"{bcfg.slug}: fold {FOLD} at lr {lr:g}: validation loss {first[lr].mean():.4f} after one unfrozen "
+              f"epoch (probe: {run.probe_losses()[0].mean():.4f})")
     chosen, lr_evidence = t.unfrozen.lr, {}
     if len(lrs) > 1:
         best = min(lrs, key=lambda lr: first[lr].mean())
