@@ -30,9 +30,7 @@ few short transactions per epoch, so several worker processes on one machine wai
 for each other and the timeout only turns a rare collision into a wait instead of a "database is
 locked" error. (A SQLite file is not safe on a network file system: use a database server to
 share a study between machines.) Every trial's state is committed as it happens, so a killed
-run loses only the trial it was running. A trial left RUNNING by a killed process of this
-machine is marked FAIL at the next start; trials of other machines are failed by Optuna's
-heartbeat after ``grace_period`` (300 s). The study is named ``<exp>-<backbone>`` and loaded if it
+run loses only the trial it was running. The study is named ``<exp>-<backbone>`` and loaded if it
 exists: running ``make tune`` again continues it until ``tune.trials`` trials have *finished*
 (complete or pruned) in total. Failed trials do not count; three failures in a row stop the run
 with the last error. A :class:`~pipeline.core.errors.PipelineError` (bad input) stops it at once.
@@ -40,20 +38,38 @@ The study also records what its scores depend on (data, folds, metric, training 
 tuned keys, ``tune.folds`` and epochs); a changed objective is an error, and ``--force`` deletes
 the study and starts over.
 
+A killed worker
+---------------
+A trial left RUNNING by a killed process is marked FAIL and queued again with the same
+parameters (Optuna's heartbeat-stale retry, at most ``RETRIES`` times): a process of this machine
+that finds a dead pid does it at once; any other trial is failed once its heartbeat is older
+than the grace period. Every running trial writes a heartbeat: on a database server every
+``SERVER_HEARTBEAT_S`` (2 s) with a grace period of ``SERVER_GRACE_S`` (10 s), so a machine that
+dies mid-trial costs the others about ten seconds; on SQLite every 60 s with 300 s of grace (the
+pid check covers the one machine a SQLite file serves). A worker that runs out of trials to start
+while others are still running waits for them (it polls the study, failing stale trials), so
+every worker ends with a study of ``tune.trials`` finished trials and writes the same report.
+
 Parallel workers
 ----------------
 ``make tune WORKERS=4`` starts 3 extra processes (``python -m pipeline tune -c
 runs/<exp>/<backbone>/tune/config.yaml --backbone B --workers 1``) beside itself; all four ask
 the same study for trials. Each gets a share of the CPU threads (``OMP_NUM_THREADS``) or one GPU
 (``CUDA_VISIBLE_DEVICES``, round robin). Several machines share one study through a database
-server; on each of them, with the same config and data::
+server; on each of them, with the same config and data (and folds: ``make folds`` is seeded)::
 
-    make tune WORKERS=2 ARGS="--backbone efficientnet_lite0 tune.storage=postgresql://user:pw@db-host:5432/optuna"
+    export PGPASSWORD=...   # read by libpq: the password stays out of the URL, the command line and files
+    make tune WORKERS=2 ARGS="--backbone efficientnet_lite0 tune.storage=postgresql://tuner@db-host:5432/optuna"
 
-(``pip install psycopg2-binary``; ``mysql+pymysql://...`` with ``pip install pymysql`` works
-too). Every machine stops when the study holds ``tune.trials`` finished trials and writes the
-report from the shared study; the last to finish writes the complete one, and any later
-``make tune`` with the same URL rewrites it without training.
+(``pip install -e '.[scale]'`` installs the driver, psycopg; ``mysql+pymysql://...`` with ``pip
+install pymysql`` works too). A password given in the URL instead is never printed or written:
+messages, ``best.json`` and the tune folder's ``config.yaml`` show it as ``***`` (worker
+processes get the real URL in their environment, ``PIPELINE_TUNE_STORAGE``). Only the process
+that creates the study queues the config's own LRs, and every process but that one seeds its
+sampler with its host and pid too, so machines started at the same moment draw different
+parameters. Every machine stops when the study holds ``tune.trials`` finished trials and writes
+the report from the shared study into its own ``runs/``; any later ``make tune`` with the same URL
+rewrites it without training.
 """
 from __future__ import annotations
 
@@ -64,12 +80,15 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
+import psutil
 import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -94,6 +113,14 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 WORKER_ENV = "PIPELINE_TUNE_WORKER"  # set in worker processes: their index (1..N-1)
+STORAGE_ENV = "PIPELINE_TUNE_STORAGE"  # set in worker processes: the storage URL, password included
+
+
+# Heartbeats (seconds): a trial whose last heartbeat is older than the grace period is failed and retried
+SERVER_HEARTBEAT_S, SERVER_GRACE_S = 2, 10  # a database server: a dead machine costs the others ~10 s
+SQLITE_HEARTBEAT_S, SQLITE_GRACE_S = 60, 300  # one machine: its dead processes are found by pid at once
+RETRIES = 2  # a killed trial runs again with the same parameters at most this often
+WAIT_POLL_S = 1.0  # how often a worker without a trial to start looks at the study
 
 
 MAX_FAILURES_IN_A_ROW = 3
@@ -155,12 +182,45 @@ def storage_url(cfg: Config, bcfg: BackboneConfig) -> str:
 
 
 def shown_url(url: str) -> str:
-    """The URL with any password hidden (for messages and best.json)."""
+    """The URL with any password hidden (for messages, best.json and the tune folder's config.yaml)."""
     try:
         from sqlalchemy.engine import make_url
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url
+
+
+def url_password(url: str) -> str | None:
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).password
+    except Exception:
+        return None
+
+
+def heartbeat(url: str) -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds for a storage URL."""
+    if url.startswith("sqlite"):
+        return SQLITE_HEARTBEAT_S, SQLITE_GRACE_S
+    return SERVER_HEARTBEAT_S, SERVER_GRACE_S
+
+
+def retry_callback():
+    """Optuna's retry of a heartbeat-stale trial (renamed in Optuna 4.9; the old name for older releases)."""
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if retry is not None:
+            return retry(max_retry=RETRIES)
+        return optuna.storages.RetryFailedTrialCallback(max_retry=RETRIES)
+
+
+STORAGE_HINT = ("Check the URL (e.g. postgresql://user@host:5432/db, with the password in PGPASSWORD), that the "
+                "database server is running and reachable from this machine, and that its driver is installed "
+                "(pip install -e '.[scale]' for PostgreSQL: psycopg, which postgresql+psycopg:// names where "
+                "SQLAlchemy < 2.1 wants psycopg2; pip install pymysql for mysql+pymysql://); or remove tune.storage "
+                "to use the default SQLite file under runs/<exp>/<backbone>/tune/")
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -170,19 +230,41 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         engine_kwargs["connect_args"] = {"timeout": 60}
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
-                                              grace_period=300)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(
-            f"config key 'tune.storage': cannot open the Optuna storage {shown_url(url)} "
-            f"({type(exc).__name__}: {reason}). Check the URL (e.g. postgresql://user:password@host:5432/db), "
-            f"that the database server is running and reachable from this machine, and that its driver is "
-            f"installed (pip install psycopg2-binary, or pymysql for mysql+pymysql://); or remove tune.storage "
-            f"to use the default SQLite file under runs/<exp>/<backbone>/tune/") from None
+    interval, grace = heartbeat(url)
+    callback = retry_callback()
+    key = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+           else "failed_trial_callback")
+    attempts = 0
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                                                  grace_period=grace, **{key: callback})
+        except Exception as exc:
+            attempts += 1
+            if attempts < 3 and creation_race(exc):
+                time.sleep(0.5)  # another worker is creating Optuna's tables in the same empty database
+                continue
+            raise PipelineError(f"config key 'tune.storage': cannot open the Optuna storage {shown_url(url)} "
+                                f"({failure_reason(exc, url)}). {STORAGE_HINT}") from None
+
+
+def creation_race(exc: Exception) -> bool:
+    """Two workers creating Optuna's tables at once: one of them sees a duplicate table or type."""
+    text = str(exc).lower()
+    return "already exists" in text or "duplicate key" in text or "unique constraint" in text
+
+
+def failure_reason(exc: Exception, url: str) -> str:
+    """The first line of a connection error, with the URL's password (should a driver quote it) hidden."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else ""
+    password = url_password(url)
+    if password:
+        reason = reason.replace(password, "***")
+    reason = reason.replace(url, shown_url(url))
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
@@ -212,10 +294,14 @@ def make_pruner(cfg: Config, budget: Budget) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def process_seed(cfg: Config, n_existing: int, worker: int) -> int:
+def process_seed(cfg: Config, n_existing: int, worker: int, created: bool = True) -> int:
     """A sampler seed per (seed, study size, worker): a resumed study or a second worker does not
-    repeat the first one's random draws."""
-    return int(np.random.SeedSequence([cfg.tune.seed, n_existing, worker]).generate_state(1)[0])
+    repeat the first one's random draws. A process that did not create the study mixes in its host
+    and pid: machines that join a study at the same moment (same size, each worker 0) draw apart."""
+    entropy = [cfg.tune.seed, n_existing, worker]
+    if not created:
+        entropy += [zlib.crc32(socket.gethostname().encode()), os.getpid()]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def count(study: optuna.Study, states) -> int:
@@ -371,7 +457,7 @@ def run_tune(cfg: Config, backbone: str | None = None, workers: int = 1, force: 
     table = read_folds(cfg)
     spec = task_spec(cfg, table)
     metric = get_metric(cfg.metric, spec.task)
-    budget = tune_budget(cfg)
+    tune_budget(cfg)  # a bad budget (no epochs to judge) stops here, before anything is written
     backbones = [cfg.backbone(backbone)] if backbone else list(cfg.backbones)
     for bcfg in backbones:  # fail before any trial on a typo in a later backbone
         check_model_name(bcfg.name)
@@ -396,15 +482,18 @@ class TuneRun:
         self.worker = worker
         self.paths = Paths(cfg)
         self.dir = self.paths.tune_dir(bcfg.slug)
-        self.url = storage_url(cfg, bcfg)
+        # a worker process's config.yaml shows the password as ***: the real URL comes in its environment
+        self.url = os.environ.get(STORAGE_ENV) if worker and os.environ.get(STORAGE_ENV) else storage_url(cfg, bcfg)
         self.name = study_name(cfg, bcfg)
+        self.created = False  # whether this process created the study (it then queues the config's LRs)
+        self.storage: optuna.storages.RDBStorage | None = None
         self.target = cfg.tune.trials
         self.space = search_space(cfg, budget)
 
     def open_study(self, force: bool) -> optuna.Study:
         if self.cfg.tune.storage is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-        storage = open_storage(self.url)  # before anything is written for a server URL
+        storage = self.storage = open_storage(self.url)  # before anything is written for a server URL
         if force and not self.worker:
             try:
                 optuna.delete_study(study_name=self.name, storage=storage)
@@ -418,9 +507,14 @@ class TuneRun:
         except KeyError:
             n_existing = 0
         direction = "maximize" if self.metric.greater_is_better else "minimize"
-        study = optuna.create_study(storage=storage, study_name=self.name, direction=direction,
-                                    sampler=make_sampler(self.cfg, process_seed(self.cfg, n_existing, self.worker)),
-                                    pruner=make_pruner(self.cfg, self.budget), load_if_exists=True)
+        try:  # the study's name is unique in the storage: of several workers starting at once, one creates it
+            storage.create_new_study([optuna.study.StudyDirection[direction.upper()]], self.name)
+            self.created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            self.created = False
+        seed = process_seed(self.cfg, n_existing, self.worker, created=self.created and not self.worker)
+        study = optuna.load_study(storage=storage, study_name=self.name, sampler=make_sampler(self.cfg, seed),
+                                  pruner=make_pruner(self.cfg, self.budget))
         self._check_objective(study, direction)
         return study
 
@@ -451,19 +545,23 @@ class TuneRun:
                 return
         else:
             self._fail_dead_trials(study)
-            if not study.trials:
+            if self.created:
                 self._enqueue_config_params(study)
             self._print_plan(study, finished, workers)
             self._lr_find_hint()
-            artifacts.write_text(self.dir / "config.yaml", dump_config(self.cfg))
+            shown = self.cfg.tune.storage and shown_url(self.cfg.tune.storage)  # the password as ***
+            tune = dataclasses.replace(self.cfg.tune, storage=shown)
+            artifacts.write_text(self.dir / "config.yaml", dump_config(self.cfg.replace(tune=tune)))
             self._optimize_with_workers(study, workers)
         self.write_report(study)
 
     # ------------------------------------------------------------------ running trials
     def _optimize(self, study: optuna.Study, progress: bool) -> None:
-        finished = count(study, FINISHED)
-        if finished + count(study, [TrialState.RUNNING]) >= self.target:
-            return  # done, or the last trials are running in other workers
+        """Run trials until the study holds ``tune.trials`` finished ones. While its last trials run
+        in other processes, wait for them: one whose process died is failed and queued again (by
+        pid or heartbeat), and this process runs it."""
+        timeout = self.cfg.tune.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         objective = Objective(self.cfg, self.bcfg, self.spec, self.table, self.budget, self.target)
         guard = FailureGuard()
         callbacks = [MaxTrialsCallback(self.target, states=FINISHED + (TrialState.RUNNING,)), guard]
@@ -471,8 +569,14 @@ class TuneRun:
         if bar is not None:
             callbacks.append(bar)
         try:
-            study.optimize(objective, timeout=self.cfg.tune.timeout, catch=(TrialFailed, SurplusTrial),
-                           callbacks=callbacks)
+            while True:
+                if self._has_room(study):
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    study.optimize(objective, timeout=left, catch=(TrialFailed, SurplusTrial), callbacks=callbacks)
+                if guard.tripped or not self._wait_for_room(study, deadline):
+                    break
+                if bar is not None:
+                    bar(study, None)
         finally:
             if bar is not None:
                 bar.close()
@@ -484,6 +588,30 @@ class TuneRun:
         if left > 0 and self.cfg.tune.timeout is not None:
             print(f"tune {self.bcfg.slug}: tune.timeout ({self.cfg.tune.timeout:g} s) reached with {left} trials "
                   f"to go; re-run `make tune` to continue the study")
+
+    def _has_room(self, study: optuna.Study) -> bool:
+        return count(study, FINISHED) + count(study, [TrialState.RUNNING]) < self.target
+
+    def _wait_for_room(self, study: optuna.Study, deadline: float | None) -> bool:
+        """Wait while the study's last trials run elsewhere. True when one of them failed (a trial
+        to run here), False when the study is complete or tune.timeout is up."""
+        announced = False
+        while count(study, FINISHED) < self.target:
+            if self._has_room(study):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if not announced:
+                running = count(study, [TrialState.RUNNING])
+                print(f"tune {self.bcfg.slug}: waiting for {running} trial(s) running in other processes (one whose "
+                      f"process died runs again here once its heartbeat is {heartbeat(self.url)[1]} s old)")
+                announced = True
+            time.sleep(WAIT_POLL_S)
+            self._fail_dead_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # and queues them again (the storage's retry callback)
+        return False
 
     def _optimize_with_workers(self, study: optuna.Study, workers: int) -> None:
         if workers == 1:
@@ -511,6 +639,7 @@ class TuneRun:
 
     def _spawn(self, index: int, workers: int, threads: int):
         env = dict(os.environ, **{WORKER_ENV: str(index)})
+        env[STORAGE_ENV] = self.url  # config.yaml shows a password as ***
         gpus = torch.cuda.device_count()
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
@@ -523,13 +652,22 @@ class TuneRun:
         return index, proc, log
 
     def _fail_dead_trials(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a killed process of this machine: FAIL, so they stop counting."""
+        """Trials left RUNNING by a killed process of this machine: FAIL, so they stop counting, and
+        queued again with the same parameters (as the heartbeat does for other machines' trials)."""
         host = socket.gethostname()
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = trial.user_attrs.get("pid")
-            if trial.user_attrs.get("host") == host and pid is not None and not _alive(pid):
-                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-                print(f"tune {self.bcfg.slug}: trial {trial.number} was left running by a killed process; marked failed")
+            if trial.user_attrs.get("host") != host or pid is None or _alive(pid):
+                continue
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+                self.storage.get_study_id_from_name(self.name), trial.number)
+            try:  # a row-locked update: of two processes that find the same dead trial, one fails it
+                self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            retry_callback()(study, self.storage.get_trial(trial_id))
+            print(f"tune {self.bcfg.slug}: trial {trial.number} was left running by a killed process; marked failed "
+                  f"and queued again")
 
     def _enqueue_config_params(self, study: optuna.Study) -> None:
         own = config_params(self.cfg)
@@ -619,12 +757,11 @@ def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # a previous process whose pid this one now has
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE  # a killed child not yet reaped is dead
+    except psutil.NoSuchProcess:
         return False
-    except (PermissionError, OverflowError, ValueError):
+    except (psutil.AccessDenied, OverflowError, ValueError):
         return True
-    return True
 
 
 def pruning_saving(trials: list) -> dict:
