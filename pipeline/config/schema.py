@@ -34,6 +34,8 @@ SAMPLERS = ("tpe", "random")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 KEEP = ("best", "last", "swa")  # which weights of a fold are kept (train.keep)
 UNFREEZE = ("always", "never", "auto")
+EXECUTORS = ("local", "ray")  # where train-folds runs the folds (train.executor)
+RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9._-]+:\d{1,5}$")  # host:port, or Ray Client's ray://host:port
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -179,6 +181,8 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False  # deterministic kernels, cuDNN without autotuning (slower)
     pseudo_labels: Optional[str] = None  # CSV of pseudo-labelled test rows (`pipeline pseudo`): they only ever train
+    executor: str = "local"  # local (this machine's processes) | ray (each fold a task on a Ray cluster)
+    ray_address: Optional[str] = None  # executor ray: null (start a Ray instance here) | auto | host:port | ray://host:port
 
     def validate(self, key: str) -> None:
         self.frozen.validate(f"{key}.frozen")
@@ -214,6 +218,14 @@ class TrainConfig:
         _check(self.frozen.optimizer is None or not self.linear_probe, f"{key}.frozen.optimizer",
                f"'{self.frozen.optimizer}' would never run: train.linear_probe is true, which fits the head with "
                f"L-BFGS instead of frozen epochs; set train.linear_probe=false or train.frozen.optimizer=null")
+        _check(self.executor in EXECUTORS, f"{key}.executor",
+               f"'{self.executor}' is not an executor; valid: {', '.join(EXECUTORS)}")
+        _check(self.ray_address in (None, "auto") or RAY_ADDRESS.match(self.ray_address) is not None,
+               f"{key}.ray_address", f"'{self.ray_address}' is not a Ray address; give auto (this machine's cluster), "
+                                     f"host:6379 (a head node), ray://host:10001 (Ray Client) or null (start one here)")
+        import importlib.util  # only asks whether ray is there: importing it takes a second
+        _check(self.executor != "ray" or importlib.util.find_spec("ray") is not None, f"{key}.executor",
+               "ray is not installed; pip install -e '.[scale]' (on the driver and on every node of the cluster)")
 
 
 def _check_optimizer(name: str, key: str) -> None:
@@ -644,7 +656,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as YAML, with a password in ``tune.storage`` shown as ``***`` (resolved configs are
+    written beside every run; the storage URL is run-only, so nothing reads it back)."""
+    raw = cfg.to_dict()
+    storage = raw.get("tune", {}).get("storage")
+    if isinstance(storage, str):
+        raw["tune"]["storage"] = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", storage)
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def flatten(tree: dict, prefix: str = "", keep_empty: bool = True) -> dict[str, Any]:
