@@ -45,6 +45,7 @@ CHOICES = {
     "ensemble.postprocess": ("auto", "none"),
     "submission.format": ("auto", "labels", "probabilities"),
     "tracking.backend": schema.TRACKING_BACKENDS,
+    "train.executor": schema.EXECUTORS,
 }
 
 # a value for each key that is null in the test config, and for lists and mappings whose generic
@@ -74,6 +75,7 @@ VALUES = {
     "tune.storage": "sqlite:///elsewhere.db",
     "submission.competition": "some-competition",
     "tracking.uri": "elsewhere",
+    "train.ray_address": "auto",
 }
 
 # keys changed on top of other settings they need
@@ -226,7 +228,8 @@ def run_only_toggles(tmp_path) -> dict:
             "train.deterministic": True, "data.max_image_pixels": 10**8,
             "tune.storage": f"sqlite:///{tmp_path / 'study.db'}", "submission.competition": "some-competition",
             "submissions_dir": str(tmp_path / "other-submissions"),
-            "tracking.backend": "tensorboard", "tracking.uri": str(tmp_path / "tensorboard")}
+            "tracking.backend": "tensorboard", "tracking.uri": str(tmp_path / "tensorboard"),
+            "train.executor": "ray", "train.ray_address": "auto"}  # every fold is done: nothing is sent to Ray
 
 
 @pytest.fixture

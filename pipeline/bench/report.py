@@ -36,7 +36,8 @@ from pipeline.config.schema import BackboneConfig, Config, dump_config
 from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
-SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu")
+SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu",
+            "ray")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -66,6 +67,7 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                                         f"{time.strftime('%Y-%m-%d')}\n\n{_table(rows)}")
     from pipeline.bench import photos as bench_photos
     from pipeline.bench import quality as bench_quality
+    from pipeline.bench.ray_folds import bench_ray
     quality = {"tune": ("Tuned vs default learning rates", bench_quality.bench_tune),
                "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft),
                "finetune": ("Fine-tuning against the frozen head, and which weights to keep",
@@ -75,7 +77,8 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                "features": ("A feature ensemble: one probe over several backbones' frozen features",
                             bench_photos.feature_ensemble),
                "unfreeze": ("Unfreeze only where it pays: never, always, auto (fold 0 decides)",
-                            lambda c: bench_photos.run_recipes(c, "unfreeze"))}
+                            lambda c: bench_photos.run_recipes(c, "unfreeze")),
+               "ray": ("Folds as Ray tasks: a local 2-node cluster against one process", bench_ray)}
     for name, (title, measure) in quality.items():
         if name in sections:
             body = measure(cfg)

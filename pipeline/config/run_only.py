@@ -42,6 +42,8 @@ RUN_ONLY_KEYS = (
     "train.time_budget_min",  # chooses train.unfrozen.epochs; the resolved config holds the planned epochs
     "train.use_tuned",  # chooses the LRs; the resolved config holds the LRs used
     # -- speed: the same computation
+    "train.executor",  # where folds run, here or as Ray tasks: a fold's randomness is a function of seed, fold, epoch
+    "train.ray_address",  # which Ray cluster runs them
     "train.device",  # which device computes; on CUDA train.amp then sets the precision, a result key of its own
     "train.num_workers",  # loader processes: each row's augmentation is seeded by epoch seed and row, not worker
     "train.cache_images",  # the same decoded, resized pixels, from one memory-mapped file instead of image files
@@ -54,8 +56,10 @@ RUN_ONLY_KEYS = (
     "tracking.uri",  # where the tracker writes
 )
 
-# Run-only keys that digests have always left out; every other run-only key is hashed at its default
-LEFT_OUT_OF_DIGESTS = frozenset({"train.num_workers", "train.use_tuned", "train.device"})
+# Run-only keys that digests have always left out (keys added after the digests were: left out, so that the
+# digests of finished folds still match); every other run-only key is hashed at its default
+LEFT_OUT_OF_DIGESTS = frozenset({"train.num_workers", "train.use_tuned", "train.device", "train.executor",
+                                 "train.ray_address"})
 
 
 def is_run_only(key: str) -> bool:

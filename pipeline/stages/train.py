@@ -32,6 +32,7 @@ from pipeline.engine.features import FeatureStore
 from pipeline.engine.fit import PROCESSES_ENV
 from pipeline.training.aggregate import aggregate_backbone, aggregate_seed_mean, fmt_score, honesty_note
 from pipeline.training.budget import planned_config
+from pipeline.training.executors import RayFolds
 from pipeline.training.fingerprint import fold_digest, fold_is_done
 from pipeline.training.pseudo_labels import with_pseudo_labels
 from pipeline.training.trainer import FoldJob, FoldResult, train_fold
@@ -72,6 +73,8 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
         record_verified(table, verified_dir(cfg))
         record_verified(test, verified_dir(cfg))
     store = FeatureStore()  # frozen features and BatchNorm statistics, shared by this run's folds
+    remote: RayFolds | None = None  # train.executor ray: the run's folds as tasks on a Ray cluster
+    on_ray: list[tuple] = []  # (config, entry, LR source, unfreeze decision) of the models sent there
     for entry in backbones:
         bcfg_cfg, bcfg = cfg.variant(entry)
         bcfg_cfg, source = apply_tuned(bcfg_cfg, bcfg)
@@ -85,6 +88,13 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
               f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
         todo = [k for k in ([fold] if fold is not None else range(cfg.folds.n_splits))
                 if force or not fold_is_done(bcfg_cfg, bcfg, k)]
+        if bcfg_cfg.train.executor == "ray":  # its folds train on the cluster while the next model resolves
+            if todo:
+                remote = remote or _connect(bcfg_cfg, spec, fit_table, test)
+                _check_address(remote, bcfg_cfg)
+                remote.submit(bcfg_cfg, bcfg, todo, force)
+            on_ray.append((bcfg_cfg, bcfg, source, decision))
+            continue
         n_jobs = plan.jobs if plan is not None else jobs
         if n_jobs > 1 and len(todo) > 1:
             _train_parallel(bcfg, todo, n_jobs, bdir / "config.yaml", force)
@@ -94,12 +104,15 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
                     if held and (force or not fold_is_done(bcfg_cfg, bcfg, k)):  # done by it meanwhile: skip
                         _train_one(bcfg_cfg, bcfg, spec, fit_table, test, k, store)
                 distributed.barrier()
-        if main and all(fold_is_done(bcfg_cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
-            tuned_folds = list(cfg.tune.folds) if "tuned" in source else []
-            cv = aggregate_backbone(bcfg_cfg, bcfg, spec, table, test, tuned_folds, decision)
-            tracking.end_model(bcfg_cfg, bcfg, cv)
-            print(f"{bcfg.slug}: CV {cv['metric']} {fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, OOF {fmt_score(cv['oof'])} "
-                  f"-> {paths.cv_json(bcfg.slug)}\n  {honesty_note(cv)}")
+        if main:
+            _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test)
+    if remote is not None:
+        try:
+            _train_on_ray(remote)
+        finally:
+            remote.close()
+    for bcfg_cfg, bcfg, source, decision in on_ray if main else []:  # empty without train.executor ray
+        _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test)
     for group, members in cfg.seed_groups().items():  # not in a --fold child: its config holds one variant
         if (main and fold is None and any(m in backbones for m in members)
                 and all(paths.cv_json(m.slug).exists() for m in members)):
@@ -107,6 +120,17 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
             print(f"{group}: mean of seeds {', '.join(m.slug for m in members)}: CV {cv['metric']} "
                   f"{fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, OOF {fmt_score(cv['oof'])} -> {paths.cv_json(group)}")
     return paths.exp_dir
+
+
+def _aggregate(cfg: Config, bcfg: BackboneConfig, source: dict, decision, spec, table, test) -> None:
+    """The model's OOF, fold-averaged test predictions and cv.json, once all its folds are done."""
+    paths = Paths(cfg)
+    if all(fold_is_done(cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
+        tuned_folds = list(cfg.tune.folds) if "tuned" in source else []
+        cv = aggregate_backbone(cfg, bcfg, spec, table, test, tuned_folds, decision)
+        tracking.end_model(cfg, bcfg, cv)
+        print(f"{bcfg.slug}: CV {cv['metric']} {fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, "
+              f"OOF {fmt_score(cv['oof'])} -> {paths.cv_json(bcfg.slug)}\n  {honesty_note(cv)}")
 
 
 def _write_resolved(cfg: Config, bcfg: BackboneConfig, source: dict, bdir: Path) -> None:
@@ -167,3 +191,36 @@ def _train_parallel(bcfg: BackboneConfig, folds: list[int], jobs: int, config_pa
     if failed:
         k, out = failed[0]
         raise PipelineError(f"{len(failed)} of {len(folds)} parallel folds failed; fold {k} said:\n{out}")
+
+
+def _connect(cfg: Config, spec, table, test) -> RayFolds:
+    if distributed.enabled():
+        raise PipelineError("train.executor ray runs each fold as one Ray task; under torchrun set "
+                            "train.executor=local")
+    remote = RayFolds(cfg.train.ray_address, spec, table, test)
+    print(f"train.executor ray: {remote.describe()}")
+    return remote
+
+
+def _check_address(remote: RayFolds, cfg: Config) -> None:
+    if cfg.train.ray_address != remote.address:
+        raise PipelineError(f"train.ray_address: one run uses one Ray cluster; a model entry names "
+                            f"{cfg.train.ray_address}, the run joined {remote.address}")
+
+
+def _train_on_ray(remote: RayFolds) -> None:
+    """Wait for the run's fold tasks: one line per fold as its files arrive (with its node), a bar over folds."""
+    from tqdm import tqdm
+
+    if not remote.pending:  # every fold was done (or is being trained by another run)
+        return
+    with tqdm(total=len(remote.pending), desc="folds on Ray", unit="fold", dynamic_ncols=True) as bar:
+        for done in remote.finished():
+            result = done.out.result
+            tracking.log_fold(done.cfg, done.bcfg, done.fold, result.history)
+            for note in result.notes:
+                bar.write(note)
+            resumed = f", resumed after epoch {done.out.resumed_epochs - 1}" if done.out.resumed_epochs else ""
+            bar.write(f"{_summary(done.bcfg, done.fold, result, done.cfg.metric, done.out.seconds)} on node "
+                      f"{done.node}{resumed}")
+            bar.update()
