@@ -489,6 +489,7 @@ class TuneRun:
         self.storage: optuna.storages.RDBStorage | None = None
         self.target = cfg.tune.trials
         self.space = search_space(cfg, budget)
+        self.report = StudyReport(self)
 
     def open_study(self, force: bool) -> optuna.Study:
         if self.cfg.tune.storage is None:
@@ -539,7 +540,7 @@ class TuneRun:
             self._optimize(study, progress=False)
             return
         if finished >= self.target:
-            if self._report_is_current(study):
+            if self.report.is_current(study):
                 print(f"tune {self.bcfg.slug}: study {self.name} has {finished} finished trials (tune.trials is "
                       f"{self.target}) and best.json is up to date; skipped (--force to start over)")
                 return
@@ -547,13 +548,13 @@ class TuneRun:
             self._fail_dead_trials(study)
             if self.created:
                 self._enqueue_config_params(study)
-            self._print_plan(study, finished, workers)
-            self._lr_find_hint()
+            self.report.print_plan(finished, workers)
+            self.report.lr_find_hint()
             shown = self.cfg.tune.storage and shown_url(self.cfg.tune.storage)  # the password as ***
             tune = dataclasses.replace(self.cfg.tune, storage=shown)
             artifacts.write_text(self.dir / "config.yaml", dump_config(self.cfg.replace(tune=tune)))
             self._optimize_with_workers(study, workers)
-        self.write_report(study)
+        self.report.write(study)
 
     # ------------------------------------------------------------------ running trials
     def _optimize(self, study: optuna.Study, progress: bool) -> None:
@@ -675,16 +676,26 @@ class TuneRun:
         if params:
             study.enqueue_trial(params, user_attrs={"config_params": True})
 
-    def _print_plan(self, study: optuna.Study, finished: int, workers: int) -> None:
+
+class StudyReport:
+    """What a study says: the plan printed before it runs, and after it the report in
+    ``runs/<exp>/<backbone>/tune/``: trials.csv, best.json (what the train stage reads, with the
+    objective the scores depended on), the printed summary and the plots."""
+
+    def __init__(self, run: "TuneRun"):
+        self.cfg, self.bcfg, self.metric, self.budget = run.cfg, run.bcfg, run.metric, run.budget
+        self.paths, self.dir, self.name, self.url, self.space = run.paths, run.dir, run.name, run.url, run.space
+
+    def print_plan(self, finished: int, workers: int) -> None:
         b = self.budget
         bounds = ", ".join(f"{k} [{lo:.1e}, {hi:.1e}]" for k, (lo, hi) in self.space.items())
-        print(f"tune {self.bcfg.slug}: study {self.name} in {shown_url(self.url)}: {finished} of {self.target} trials "
+        print(f"tune {self.bcfg.slug}: study {self.name} in {shown_url(self.url)}: {finished} of {self.cfg.tune.trials} trials "
               f"finished; {workers} worker(s), sampler {self.cfg.tune.sampler}, pruner {self.cfg.tune.pruner}")
         print(f"  each trial: folds {list(b.folds)} x ({b.frozen_epochs} frozen + {b.unfrozen_epochs} unfrozen "
               f"epochs), {self.metric.name} ({'higher' if self.metric.greater_is_better else 'lower'} is better); "
               f"log-uniform {bounds}")
 
-    def _lr_find_hint(self) -> None:
+    def lr_find_hint(self) -> None:
         path = self.paths.lr_find_dir(self.bcfg.slug) / "suggestion.json"
         if not path.exists():
             return
@@ -698,8 +709,7 @@ class TuneRun:
             print(f"  lr-find ({path}) suggests {', '.join(f'{k} {suggestion[k]:.1e}' for k in ('frozen_lr', 'unfrozen_lr') if k in suggestion)}; "
                   f"to search around it: make tune ARGS=\"{' '.join(words)}\"")
 
-    # ------------------------------------------------------------------ the report
-    def _report_is_current(self, study: optuna.Study) -> bool:
+    def is_current(self, study: optuna.Study) -> bool:
         path = self.paths.tuned_params(self.bcfg.slug)
         if not path.exists():
             return False
@@ -707,7 +717,7 @@ class TuneRun:
         n_finished = count(study, FINISHED)
         return best.get("study") == self.name and best.get("trials") == n_finished and "objective" in best
 
-    def write_report(self, study: optuna.Study) -> dict:
+    def write(self, study: optuna.Study) -> dict:
         """trials.csv, a printed table, best.json and the plots, from the study as it is now."""
         trials = study.get_trials(deepcopy=False)
         frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration",
