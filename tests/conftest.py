@@ -220,6 +220,7 @@ def shrunk_raw_config(digits_root: Path, tmp_path: Path) -> dict:
     raw["train"]["batch_size"] = 32
     raw["train"]["frozen"]["epochs"] = 1
     raw["train"]["unfrozen"]["epochs"] = 1
+    raw["train"]["unfreeze"] = "always"  # the tests say when they want auto's fold-0 decision
     raw["augment"]["tta"] = ["identity"]
     raw["folds"]["n_splits"] = 3
     return raw
@@ -232,7 +233,7 @@ def make_config(tmp_path, digits_root):
     Starts from ``configs/demo.yaml`` with: ``data.root`` = the ``digits_root`` dataset;
     ``runs_dir``, ``folds_dir``, ``submissions_dir`` under ``tmp_path``; one backbone
     ``{name: test_efficientnet, weights: none, image_size: 32}``; ``train.batch_size: 32``;
-    1 frozen + 1 unfrozen epoch; ``augment.tta: [identity]``; ``folds.n_splits: 3``.
+    1 frozen + 1 unfrozen epoch, ``train.unfreeze: always``; ``augment.tta: [identity]``; ``folds.n_splits: 3``.
 
     ``overrides`` are ``key.sub=value`` words exactly as on the command line (a list or tuple
     of them is accepted too); ``sections`` are mappings deep-merged into the raw config

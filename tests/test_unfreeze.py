@@ -121,6 +121,23 @@ def test_auto_decides_on_fold_0_records_it_and_counts_it_as_a_selection(make_con
 
 
 @pytest.mark.slow
+def test_when_auto_unfreezes_fold_0_is_the_screening_run_not_trained_again(make_config, capsys, monkeypatch,
+                                                                           one_torch_thread):
+    monkeypatch.setattr(unfreeze, "paired_gain", lambda base, new, seed=0: (1.0, 0.0))  # the evidence says unfreeze
+    cfg = make_config(*FAST, "train.unfreeze=auto", "train.unfreeze_lrs=[]", "folds.n_splits=2")
+    run_folds(cfg)
+    run_train(cfg)
+    import pandas as pd
+    name, paths = cfg.backbones[0].slug, Paths(cfg)
+    screened = pd.read_csv(paths.backbone_dir(name) / "unfreeze" / "lr0.001" / "history.csv")
+    fold0 = pd.read_csv(paths.fold_dir(name, 0) / "history.csv")
+    pd.testing.assert_frame_equal(fold0, screened)  # the same epochs, seconds included: they ran once
+    out = capsys.readouterr().out
+    assert "fold 0 reuses the screening run at lr 0.001" in out and "resuming after epoch 2" in out
+    assert (paths.fold_dir(name, 0) / "test.csv").exists() and json.loads(paths.cv_json(name).read_text())["unfreeze"]
+
+
+@pytest.mark.slow
 def test_never_is_the_frozen_only_path(make_config, one_torch_thread):
     cfg = make_config(*FAST, "train.unfreeze=never", "folds.n_splits=2")
     run_folds(cfg)

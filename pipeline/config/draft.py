@@ -171,6 +171,8 @@ def _train(out: _Lines) -> None:
     out.key(2, "lr", t.unfrozen.lr, "low enough to keep the pretrained features (1e-3 lost accuracy)")
     out.key(2, "backbone_lr_mult", t.unfrozen.backbone_lr_mult, "backbone LR = lr x this: one LR for the network")
     out.key(2, "warmup_epochs", t.unfrozen.warmup_epochs, "linear warmup, then cosine to lr x min_lr_ratio")
+    out.key(1, "unfreeze", t.unfreeze, "fold 0 tests whether fine-tuning beats the probe (always; never: frozen-only)")
+    out.key(1, "unfreeze_lrs", t.unfreeze_lrs, "auto: the unfrozen LRs fold 0 screens, one epoch each")
     out.key(1, "keep", t.keep, "a fold keeps its best epoch on the validation rows (or last, swa)")
 
 

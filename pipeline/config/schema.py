@@ -59,6 +59,7 @@ class DataConfig:
     classes: Optional[list[str]] = None  # fixed class order; null: sorted unique values
     positive_class: Optional[str] = None  # binary: the class `pred` is the probability of; null: second sorted
     max_image_pixels: Optional[int] = 89_478_485  # larger images are refused; Pillow's default limit; null: none
+    exclude_ids: str | None = None  # CSV of train ids to drop before folds (relative to root, or absolute)
 
     def validate(self, key: str) -> None:
         _check(self.task in TASKS, f"{key}.task", f"'{self.task}' is not a task; valid: {', '.join(TASKS)}")
@@ -67,6 +68,10 @@ class DataConfig:
         _check(len(self.target_columns) >= 1, f"{key}.target_columns", "name at least one target column")
         _check(self.max_image_pixels is None or self.max_image_pixels >= 1, f"{key}.max_image_pixels",
                f"must be a positive number of pixels or null (no limit), got {self.max_image_pixels}")
+        _check(self.exclude_ids is None or (self.exclude_ids.strip() != "" and
+                                            self.exclude_ids.strip().lower().endswith(".csv")),
+               f"{key}.exclude_ids", f"{self.exclude_ids!r}: name a CSV file (.csv) of train ids to drop, relative to "
+                                     f"data.root or absolute (e.g. a copy of runs/<exp>/label_issues.csv), or null")
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ class TrainConfig:
     time_budget_min: Optional[float] = None  # fit train-folds into this many minutes (chooses unfrozen epochs)
     min_unfrozen_epochs: int = 1  # early stopping never ends the unfrozen phase before this many epochs
     keep: str = "best"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
-    unfreeze: str = "always"  # always | never (frozen-only) | auto: fold 0 decides, with a paired test, whether to
+    unfreeze: str = "auto"  # always | never (frozen-only) | auto: fold 0 decides, with a paired test, whether to
     unfreeze_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])  # auto: unfrozen LRs it screens
     swa_epochs: int = 2
     freeze_bn: bool = True  # unfrozen phase: BatchNorm keeps its pretrained running statistics

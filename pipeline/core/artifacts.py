@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -34,6 +35,13 @@ def atomic_path(path: Path | str):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def copy_file(source: Path | str, path: Path | str) -> Path:
+    """Copy ``source`` onto ``path`` atomically (a crash leaves the old file or none)."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(path)
 
 
 def write_text(path: Path | str, text: str) -> Path:

@@ -73,7 +73,9 @@ def resolve_unfreeze(cfg: Config, bcfg: BackboneConfig, spec, table, store: Feat
         artifacts.write_json(path, {"digest": digest, "decision": decision})
         print(f"{bcfg.slug}: train.unfreeze auto: {decision['summary']} -> {path}")
     if decision["unfreeze"]:
-        return _with(cfg, lr=decision["lr"]), decision
+        resolved = _with(cfg, lr=decision["lr"])
+        _Screen(cfg, bcfg, spec, table, store, decision["lr"]).adopt_as_fold(resolved)
+        return resolved, decision
     return _with(cfg, epochs=0), decision
 
 
@@ -132,7 +134,9 @@ class _Screen:
     first unfrozen epoch and after the last are written beside it, so a resumed decision reuses them."""
 
     def __init__(self, cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore, lr: float):
-        train = dataclasses.replace(cfg.train, keep="last", unfreeze="always", early_stopping_patience=None,
+        # the fold's own keep policy (the decision reads the last epoch's weights through ``report``), so
+        # that the chosen LR's run can become fold 0 when the folds unfreeze (see adopt_as_fold)
+        train = dataclasses.replace(cfg.train, unfreeze="always", early_stopping_patience=None,
                                     unfrozen=dataclasses.replace(cfg.train.unfrozen, lr=lr))
         self.cfg, self.bcfg, self.spec, self.table, self.store = cfg.replace(train=train), bcfg, spec, table, store
         paths = Paths(self.cfg)
@@ -157,6 +161,23 @@ class _Screen:
         if "final" not in self.record:
             self._train(pause=False)
         return np.asarray(self.record["final"]["loss"]), _right(self.record["final"])
+
+    def adopt_as_fold(self, resolved: Config) -> bool:
+        """Copy this finished run into fold 0's folder when it trained exactly what fold 0 would
+        (same digest: no early stopping configured), so that fold 0 only predicts instead of training
+        its unfrozen epochs again. True when copied."""
+        fold_dir = Paths(resolved).fold_dir(self.bcfg.slug, FOLD)
+        resume = self.dir / "resume.safetensors"
+        if (fold_digest(resolved, self.bcfg, FOLD) != self.digest or not resume.exists()
+                or (fold_dir / "resume.safetensors").exists() or "final" not in self.record):
+            return False
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("best.safetensors", "history.csv", "kept.json", "resume.safetensors"):  # resume last: a
+            if (self.dir / name).exists():  # copy cut short is redone by the next run
+                artifacts.copy_file(self.dir / name, fold_dir / name)
+        print(f"{self.bcfg.slug}: fold {FOLD} reuses the screening run at lr {self.cfg.train.unfrozen.lr:g} "
+              f"({self.dir}); it only predicts")
+        return True
 
     def _train(self, pause: bool) -> None:
         holder: list[FoldTrainer] = []
