@@ -12,7 +12,7 @@ NAME ?=
 RUN = $(PYTHON) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install init demo-data folds pretrain train-folds lr-find tune ensemble pseudo predict bundle leaderboard submit lb-sync bench demo test clean
+.PHONY: help install init demo-data folds pretrain train-folds lr-find tune ensemble label-issues pseudo predict bundle leaderboard submit lb-sync bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ tune: .venv/.installed ## Optuna LR search per backbone (WORKERS=N processes on 
 
 ensemble: .venv/.installed ## ensemble OOF predictions and write submissions/<exp>-<method>.csv
 	$(RUN) ensemble -c $(CONFIG) $(ARGS)
+
+label-issues: .venv/.installed ## likely label errors from a model's OOF predictions (cleanlab): runs/<exp>/label_issues.{csv,png}
+	$(RUN) label-issues -c $(CONFIG) $(ARGS)
 
 pseudo: .venv/.installed ## pseudo-label test images with FROM=<ensemble method or model id>, train <exp>-pseudo, print the CV change
 	$(RUN) pseudo -c $(CONFIG) --from "$(FROM)" --train $(ARGS)

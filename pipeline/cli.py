@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true",
                    help="then train, ensemble and rank the new experiment and print each model's CV change")
 
+    p = sub.add_parser("label-issues", help="rank train rows whose label the OOF predictions contradict (cleanlab): "
+                                            "runs/<exp>/label_issues.{csv,png}")
+    _common(p)
+    p.add_argument("--model", help="model id or ensemble method whose oof.csv to read (default: the best CV)")
+
     p = sub.add_parser("leaderboard", help="compare every model and ensemble on the metric")
     _common(p)
 
@@ -173,6 +178,9 @@ def run(args: argparse.Namespace) -> Path | None:
             return pseudo_experiment(cfg, args.source, threshold=args.threshold, name=args.name, force=args.force)
         from pipeline.stages.pseudo import run_pseudo
         return run_pseudo(cfg, args.source, threshold=args.threshold, name=args.name)
+    if args.command == "label-issues":
+        from pipeline.stages.label_issues import run_label_issues
+        return run_label_issues(cfg, model=args.model, force=args.force)
     if args.command == "leaderboard":
         from pipeline.stages.leaderboard import run_leaderboard
         return run_leaderboard(cfg)

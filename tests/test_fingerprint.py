@@ -55,6 +55,7 @@ VALUES = {
     "data.image_extension": ".png",
     "data.classes": [str(d) for d in range(10)],
     "data.positive_class": "odd",
+    "data.exclude_ids": "exclude_ids.csv",
     "data.target_columns": ["label", "writer"],
     "backbones.0.batch_size": 16,
     "backbones.0.seeds": [1, 2],

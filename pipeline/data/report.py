@@ -311,7 +311,8 @@ def write_report(comp: Competition, f: Findings, out_dir: Path, name: str, secon
 # ---------------------------------------------------------------------------- the picture
 
 
-def _thumbnail(path: str, size: int = 128) -> np.ndarray | None:
+def thumbnail(path: str, size: int = 128) -> np.ndarray | None:
+    """An RGB array of the image file at most ``size`` px a side; None when it cannot be read."""
     from PIL import Image
 
     try:
@@ -342,7 +343,7 @@ def plot_examples(comp: Competition, path: Path, per_class: int = PER_CLASS, see
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            image = _thumbnail(chosen[col]) if col < len(chosen) else None
+            image = thumbnail(chosen[col]) if col < len(chosen) else None
             if image is not None:
                 ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         axes[row, 0].set_ylabel(f"{name}\n({len(index)})", rotation=0, ha="right", va="center", fontsize=9)

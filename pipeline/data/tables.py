@@ -7,6 +7,9 @@ Two train layouts are read into the same table:
 * class sub-folders: ``data.train_csv: null`` and ``data.train_dir/<class>/<image>``; the id is
   ``<class>/<file stem>`` and the target column is ``data.target_columns[0]``.
 
+``data.exclude_ids`` (a CSV of ids, e.g. a copy of ``runs/<exp>/label_issues.csv``) drops rows from the
+train table as it is read, so the folds and every later stage follow.
+
 The test set is the sample submission's ids with images in ``data.test_dir``. Every table
 carries a ``_path`` column with the resolved image file; it is never written to the folds file.
 """
@@ -173,12 +176,67 @@ def read_train_table(cfg: Config, check_readable: bool = True) -> pd.DataFrame:
         table[PATH] = None
         _strip_labels(table, [*d.target_columns] + ([d.group_column] if d.group_column else []))
     _check_ids(table, d.id_column, source)
+    table = _drop_excluded(table, cfg, source)
     _check_targets(table, cfg, source)
     if d.train_csv is not None:
         table[PATH] = resolve_image_paths(table[d.id_column], paths.train_dir, d.image_extension, source)
     if check_readable:
         check_images_readable(table, d.id_column, source, verified_dir(cfg))
     return table.reset_index(drop=True)
+
+
+def exclude_ids_file(cfg: Config) -> Path | None:
+    """The ``data.exclude_ids`` CSV: a path relative to ``data.root``, or absolute; None when unset."""
+    if not cfg.data.exclude_ids:
+        return None
+    path = Path(cfg.data.exclude_ids)
+    return path if path.is_absolute() else Paths(cfg).data_root / path
+
+
+def excluded_ids(cfg: Config) -> set[str] | None:
+    """The ids ``data.exclude_ids`` drops from the train table (None when unset). Every id listed is
+    dropped; in a file with an ``issue`` column (``runs/<exp>/label_issues.csv``), only the rows whose
+    ``issue`` is true, so that a copy of that file with some flags set to false keeps those rows."""
+    path, id_column = exclude_ids_file(cfg), cfg.data.id_column
+    if path is None:
+        return None
+    frame = read_csv(path, "exclude-ids file", key="data.exclude_ids")
+    if id_column not in frame.columns:
+        raise PipelineError(f"exclude-ids file {path} (config key data.exclude_ids) has no column '{id_column}' "
+                            f"(data.id_column); its columns are: {first_few(list(frame.columns), 20)}; "
+                            f"list the train ids to drop under a column named '{id_column}'")
+    if "issue" in frame.columns:
+        flags = frame["issue"].fillna("").str.strip().str.lower()
+        bad = sorted(set(flags) - {"true", "false", "1", "0"})
+        if bad:
+            raise PipelineError(f"exclude-ids file {path} (config key data.exclude_ids): column 'issue' holds "
+                                f"{quoted(bad)}; write True (drop the row) or False (keep it)")
+        frame = frame[flags.isin(["true", "1"])]
+    return set(frame[id_column].dropna().astype(str))
+
+
+def _drop_excluded(table: pd.DataFrame, cfg: Config, source) -> pd.DataFrame:
+    """The train table without the rows ``data.exclude_ids`` lists (ids it lists must be train ids)."""
+    drop = excluded_ids(cfg)
+    if drop is None:
+        return table
+    path, d = exclude_ids_file(cfg), cfg.data
+    unknown = sorted(drop - set(table[d.id_column].astype(str)))
+    if unknown:
+        raise PipelineError(f"exclude-ids file {path} (config key data.exclude_ids) lists {len(unknown)} ids that "
+                            f"are not in the train table {source}: {quoted(unknown)}; remove them from the file "
+                            f"(ids are matched exactly, extension included)")
+    kept = table[~table[d.id_column].astype(str).isin(drop)]
+    if d.task in ("binary", "multiclass") and not d.classes:
+        lost = sorted(set(table[d.target_columns[0]].dropna()) - set(kept[d.target_columns[0]].dropna()))
+        if lost:
+            raise PipelineError(f"exclude-ids file {path} (config key data.exclude_ids) drops every train row of "
+                                f"class {quoted(lost)}; keep some of them (set their issue to False) or remove "
+                                f"those ids from the file")
+    if kept.empty:
+        raise PipelineError(f"exclude-ids file {path} (config key data.exclude_ids) drops every train row; "
+                            f"list only the rows to drop (label_issues.csv: those with issue True)")
+    return kept
 
 
 def _check_targets(table: pd.DataFrame, cfg: Config, source) -> None:

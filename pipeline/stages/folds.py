@@ -11,7 +11,7 @@ from pipeline.config.schema import Config
 from pipeline.core import artifacts, locks
 from pipeline.data.images import PATH
 from pipeline.data.splits import assign_folds, describe_targets
-from pipeline.data.tables import read_test_table, read_train_table, task_spec
+from pipeline.data.tables import exclude_ids_file, read_test_table, read_train_table, task_spec
 
 
 def run_folds(cfg: Config, force: bool = False) -> Path:
@@ -19,6 +19,7 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
     paths = Paths(cfg)
     out = paths.folds_csv
     inputs = [paths.train_csv] if paths.train_csv else []
+    inputs += [exclude_ids_file(cfg)] if cfg.data.exclude_ids else []  # an edited exclude list redoes the folds
     listing = [] if paths.train_csv else sorted(str(p) for p in paths.train_dir.rglob("*") if p.is_file())
     digest = artifacts.fingerprint({"data": digest_section("data", cfg.data.__dict__), "folds": cfg.folds.__dict__,
                                     "images": listing}, inputs + [paths.sample_submission])
