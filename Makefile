@@ -9,14 +9,15 @@ MESSAGE ?=
 FROM ?=
 DATA ?=
 NAME ?=
+BUDGET ?=
 RUN = $(PYTHON) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install init demo-data folds pretrain train-folds lr-find tune ensemble label-issues pseudo predict bundle leaderboard submit lb-sync bench demo test clean
+.PHONY: help install init demo-data folds all pretrain train-folds lr-find tune ensemble label-issues pseudo predict bundle leaderboard submit lb-sync bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' JOBS=N WORKERS=N FILE=... MESSAGE=... FROM=... DATA=... NAME=..."
+	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' JOBS=N WORKERS=N FILE=... MESSAGE=... FROM=... DATA=... NAME=... BUDGET=..."
 
 .venv/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv .venv
@@ -38,6 +39,9 @@ folds: .venv/.installed ## split the train table into folds: folds/<exp>.csv
 
 train-folds: .venv/.installed ## train every backbone on every fold (JOBS=N folds in parallel)
 	$(RUN) train -c $(CONFIG) --jobs $(JOBS) $(ARGS)
+
+all: .venv/.installed ## folds, train, ensemble, leaderboard in one go (BUDGET=minutes: planned across backbones)
+	$(RUN) all -c $(CONFIG) $(if $(BUDGET),--budget $(BUDGET)) $(ARGS)
 
 pretrain: .venv/.installed ## pretrain.backbones on pretrain.data: runs/<exp>/<id>/pretrained.safetensors
 	$(RUN) pretrain -c $(CONFIG) $(ARGS)

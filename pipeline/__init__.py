@@ -14,11 +14,12 @@ The package is built in layers; a module imports only from its own layer or the 
 ``tracking``   experiment trackers (MLflow, TensorBoard): told what happened, never asking
 ``ensembles``  blends, post-processing, scores and honesty, submission files, inference
 ``stages``     one thin module per CLI stage (``run_<stage>(cfg)``); no stage imports another
+``workflows``  stages chained into one command (``make all``), and the whole run's time budget
 ``bench``      the benchmark sections behind ``make bench``
 ``cli``        the command line: parses arguments, runs stages (and chains them); ``__main__`` calls it
 """
 
-LAYERS = ("core", "domain", "config", "data", "engine", "training", "tracking", "ensembles", "stages", "bench", "cli",
-          "__main__")
+LAYERS = ("core", "domain", "config", "data", "engine", "training", "tracking", "ensembles", "stages", "workflows", "bench",
+          "cli", "__main__")
 
 __version__ = "0.1.0"

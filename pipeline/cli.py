@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="only this fold")
     p.add_argument("--jobs", type=int, default=1, help="folds in parallel processes (one per GPU)")
 
+    p = sub.add_parser("all", help="folds -> train -> ensemble -> leaderboard; --budget MIN plans the whole run "
+                                   "across the backbones (frozen-only first, then unfrozen epochs where they fit)")
+    _common(p)
+    p.add_argument("--budget", type=float, help="minutes for the whole run (default: the config's time_budget_min)")
+
     p = sub.add_parser("pretrain", help="train pretrain.backbones on pretrain.data: runs/<exp>/<id>/pretrained.safetensors")
     _common(p)
     p.add_argument("--backbone", help="only this id of pretrain.backbones")
@@ -155,6 +160,9 @@ def run(args: argparse.Namespace) -> Path | None:
     if args.command == "train":
         from pipeline.stages.train import run_train
         return run_train(cfg, backbone=args.backbone, fold=args.fold, jobs=args.jobs, force=args.force)
+    if args.command == "all":
+        from pipeline.workflows import run_all
+        return run_all(cfg, budget_min=args.budget, force=args.force)
     if args.command == "pretrain":
         from pipeline.stages.pretrain import run_pretrain
         return run_pretrain(cfg, backbone=args.backbone, force=args.force)

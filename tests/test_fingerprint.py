@@ -69,6 +69,8 @@ VALUES = {
     "train.grad_clip": 1.0,
     "train.early_stopping_patience": 2,
     "train.time_budget_min": 5.0,
+    "time_budget_min": 5.0,
+    "train.unfreeze_lrs": [1e-4],
     "train.num_workers": 2,
     "train.pseudo_labels": "pseudo.csv",
     "augment.train": [],
@@ -224,6 +226,7 @@ def test_predicts_checkpoint_check_ignores_run_only_keys_only(make_config):
 def run_only_toggles(tmp_path) -> dict:
     """A changed value for every run-only key that keeps the experiment where it is."""
     return {"train.time_budget_min": 600.0,  # generous: the plan keeps the configured epoch
+            "time_budget_min": 600.0,  # make all's budget: the train stage never reads it
             "train.use_tuned": "false", "train.device": "cpu", "train.num_workers": 1, "train.cache_images": True,
             "train.cache_features": False, "train.compile": True, "train.channels_last": False,
             "train.deterministic": True, "data.max_image_pixels": 10**8,

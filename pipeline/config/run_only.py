@@ -39,6 +39,7 @@ RUN_ONLY_KEYS = (
     # -- whether a run goes, not what it computes
     "data.max_image_pixels",  # refuses larger images before anything trains: a run stops or reads the same pixels
     # -- choices whose outcome the resolved config holds
+    "time_budget_min",  # `make all`'s plan: each stage's resolved config holds the epochs it planned
     "train.time_budget_min",  # chooses train.unfrozen.epochs; the resolved config holds the planned epochs
     "train.use_tuned",  # chooses the LRs; the resolved config holds the LRs used
     # -- speed: the same computation

@@ -134,3 +134,41 @@ def planned_config(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
     print(plan.describe(bcfg.slug, speeds))
     unfrozen = dataclasses.replace(cfg.train.unfrozen, epochs=plan.unfrozen_epochs)
     return cfg.replace(train=dataclasses.replace(cfg.train, unfrozen=unfrozen, time_budget_min=None)), plan
+
+
+# ---------------------------------------------------------------- the whole run (``make all BUDGET=``)
+
+
+@dataclass(frozen=True)
+class RunCosts:
+    """Estimated seconds of one backbone's steps in a budgeted whole run, from measured speeds."""
+
+    frozen_s: float  # the frozen-only path: features of every image and view, probe, predictions
+    epoch_s: float  # one unfrozen epoch of one fold: train rows through forward+backward, validation forward
+    predict_s: float  # one fold's TTA predictions of its validation and test rows
+    n_folds: int
+
+    def unfreeze_s(self, epochs: int, screened_lrs: int, decides: bool) -> float:
+        """Every fold unfrozen for ``epochs`` (fold 0 first screens ``screened_lrs`` LRs for one
+        epoch each when ``decides``: ``train.unfreeze: auto``; the chosen one's run becomes fold 0)."""
+        screening = (screened_lrs - 1) * self.epoch_s if decides else 0.0
+        return screening + self.n_folds * (epochs * self.epoch_s + self.predict_s)
+
+    def decision_s(self, epochs: int, screened_lrs: int) -> float:
+        """What ``auto`` spends before it knows (fold 0's screening and finishing), all of it lost
+        when it decides frozen-only."""
+        return (screened_lrs + epochs - 1) * self.epoch_s
+
+
+def run_costs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: int) -> RunCosts:
+    valid = n_train / n_folds
+    frozen = (n_train * views + n_test * views) / speeds.infer_img_s
+    epoch = (n_train - valid) / speeds.train_img_s + valid / speeds.infer_img_s
+    return RunCosts(frozen, epoch, (valid + n_test) * views / speeds.infer_img_s, n_folds)
+
+
+def epochs_that_fit(costs: RunCosts, max_epochs: int, screened_lrs: int, decides: bool, seconds: float) -> int:
+    """The most unfrozen epochs (up to ``max_epochs``; 0: none) whose run of every fold, should
+    the folds unfreeze, fits in ``seconds``."""
+    return max([e for e in range(1, max_epochs + 1) if costs.unfreeze_s(e, screened_lrs, decides) <= seconds],
+               default=0)

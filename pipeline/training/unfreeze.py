@@ -25,6 +25,7 @@ import torch
 from pipeline.config.paths import Paths
 from pipeline.config.schema import BackboneConfig, Config
 from pipeline.core import artifacts
+from pipeline.engine import checkpoints
 from pipeline.engine.features import FeatureStore
 from pipeline.training.fingerprint import fold_digest
 from pipeline.training.trainer import FoldJob, FoldTrainer
@@ -165,11 +166,13 @@ class _Screen:
     def adopt_as_fold(self, resolved: Config) -> bool:
         """Copy this finished run into fold 0's folder when it trained exactly what fold 0 would
         (same digest: no early stopping configured), so that fold 0 only predicts instead of training
-        its unfrozen epochs again. True when copied."""
+        its unfrozen epochs again; a fold 0 of other settings (the frozen-only run of a budgeted whole
+        run) is replaced. True when copied."""
         fold_dir = Paths(resolved).fold_dir(self.bcfg.slug, FOLD)
         resume = self.dir / "resume.safetensors"
-        if (fold_digest(resolved, self.bcfg, FOLD) != self.digest or not resume.exists()
-                or (fold_dir / "resume.safetensors").exists() or "final" not in self.record):
+        present = checkpoints.read_resume_info(fold_dir / "resume.safetensors")  # a fold 0 trained before
+        if (fold_digest(resolved, self.bcfg, FOLD) != self.digest or not resume.exists() or "final" not in self.record
+                or (present is not None and present.get("digest") == self.digest)):
             return False
         fold_dir.mkdir(parents=True, exist_ok=True)
         for name in ("best.safetensors", "history.csv", "kept.json", "resume.safetensors"):  # resume last: a
