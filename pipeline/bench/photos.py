@@ -160,3 +160,89 @@ def feature_ensemble(cfg: Config, members: tuple[str, ...] = ("efficientnet_lite
               f"{cfg.folds.n_splits} folds, probe views {', '.join(probe_views)}, TTA {', '.join(cfg.augment.tta)}; "
               f"seeds {', '.join(map(str, seeds))} (train.seed)."]
     return "\n".join(lines)
+
+
+def _flipped_copy(cfg: Config, folder: Path, share: float, seed: int) -> tuple[dict, list[str]]:
+    """A copy of the train table in ``folder`` with ``share`` of its labels flipped to another class
+    (seeded); the images, sample and solution stay where they are. Returns the ``data.*`` overrides
+    that read it and the flipped ids."""
+    from pipeline.data.tables import read_csv
+
+    paths, d = Paths(cfg), cfg.data
+    table = read_csv(paths.train_csv, "train table")
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(table), round(share * len(table)), replace=False)
+    classes = sorted(table[d.target_columns[0]].unique())
+    for row in rows:
+        given = table.iloc[row][d.target_columns[0]]
+        table.iloc[row, table.columns.get_loc(d.target_columns[0])] = rng.choice([c for c in classes if c != given])
+    artifacts.write_csv(folder / "train.csv", table)
+    data = {"data.root": str(folder), "data.train_csv": "train.csv", "data.train_dir": str(paths.train_dir.resolve()),
+            "data.test_dir": str(paths.test_dir.resolve()),
+            "data.sample_submission": str(paths.sample_submission.resolve())}
+    return data, table[d.id_column].iloc[rows].tolist()
+
+
+def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int = 42) -> str:
+    """Markdown: ``share`` of the train labels flipped (seeded), ``label-issues`` on a frozen-only model's
+    OOF probabilities, the precision and recall of its suspects against the flips, and the hidden-test
+    accuracy of models trained on the clean labels, on the flipped ones, without cleanlab's issues
+    (``data.exclude_ids``: a copy of ``label_issues.csv``) and without the flipped rows themselves."""
+    import shutil
+
+    from pipeline.stages.label_issues import run_label_issues
+    from pipeline.stages.train import run_train
+
+    base = Path(cfg.runs_dir) / "bench" / f"labels-flip{flip_seed}"
+    frozen = {"train.unfreeze": "never"}
+    data, planted = _flipped_copy(cfg, base / "data", share, flip_seed)
+
+    def trained(name: str, folder: str, overrides: dict) -> tuple[Config, dict]:
+        vcfg = _variant(cfg, {**frozen, **overrides}, seed, base / folder)
+        run_folds(vcfg)
+        start = time.perf_counter()
+        run_train(vcfg)
+        seconds = time.perf_counter() - start
+        model = vcfg.backbones[0].slug
+        cv = artifacts.read_json(Paths(vcfg).cv_json(model))
+        row = {"train on": name, "rows": len(read_folds(vcfg)), "cv": cv["cv_mean"],
+               "test": hidden_test_score(vcfg, model), "seconds": seconds}
+        print(row, flush=True)
+        return vcfg, row
+
+    rows = [trained("clean labels", "clean", {})[1]]
+    flipped = f"{share:.0%} flipped"
+    noisy, row = trained(flipped, "flipped", data)
+    rows.append(row)
+    start = time.perf_counter()
+    issues_csv = run_label_issues(noisy, force=True)
+    finder_s = time.perf_counter() - start
+    issues = pd.read_csv(issues_csv, dtype={cfg.data.id_column: str})
+    ids, flagged = issues[cfg.data.id_column], issues["issue"].astype(bool)
+    k, planted_set = len(planted), set(planted)
+    hits_k = int(ids.head(k).isin(planted_set).sum())
+    hits_issues = int(ids[flagged].isin(planted_set).sum())
+    exclude = base / "exclude_ids.csv"  # what a user does: a copy of label_issues.csv (its issue rows are dropped)
+    shutil.copyfile(issues_csv, exclude)
+    oracle = base / "planted_ids.csv"
+    artifacts.write_csv(oracle, pd.DataFrame({cfg.data.id_column: planted}))
+    for name, folder, path in ((f"{flipped}, cleanlab's issues excluded", "excluded", exclude),
+                               (f"{flipped}, the flipped rows excluded (oracle)", "oracle", oracle)):
+        rows.append(trained(name, folder, {**data, "data.exclude_ids": str(path.resolve())})[1])
+    b, n_test, n_issues = cfg.backbones[0], len(read_test_table(cfg, check_readable=False)), int(flagged.sum())
+    intro = (f"{len(planted)} of {len(issues)} train labels ({share:.0%}) flipped to another class (numpy seed "
+             f"{flip_seed}); `label-issues` on the frozen-only model's OOF probabilities ({finder_s:.1f} s):")
+    issue_row = (f"| cleanlab's issue set (`issue` True) | {n_issues} | {hits_issues} | "
+                 f"{hits_issues / max(n_issues, 1):.2f} | {hits_issues / k:.2f} |")
+    lines = [intro, "", "| suspects | rows | flipped among them | precision | recall |", "|---|---|---|---|---|",
+             f"| top-k, k = flipped rows | {k} | {hits_k} | {hits_k / k:.2f} | {hits_k / k:.2f} |", issue_row, "",
+             "| trained on | train rows | CV (its own labels) | hidden test accuracy | train stage s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['train on']} | {r['rows']} | {r['cv']:.4f} | {r['test']:.4f} | {r['seconds']:.0f} |"
+              for r in rows]
+    setting = (f"{b.name} ({b.weights}) at {b.image_size} px, frozen-only (train.unfreeze: never), "
+               f"{cfg.folds.n_splits} folds, TTA {', '.join(cfg.augment.tta)}, train.seed {seed}; every run in its "
+               f"own runs folder; the hidden test has {n_test} images, so one image is {1 / n_test:.2%} of its "
+               f"accuracy.")
+    lines += ["", setting]
+    return "\n".join(lines)

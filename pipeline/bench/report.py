@@ -37,7 +37,7 @@ from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
 SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu",
-            "ray")
+            "ray", "labels")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -78,7 +78,9 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                             bench_photos.feature_ensemble),
                "unfreeze": ("Unfreeze only where it pays: never, always, auto (fold 0 decides)",
                             lambda c: bench_photos.run_recipes(c, "unfreeze")),
-               "ray": ("Folds as Ray tasks: a local 2-node cluster against one process", bench_ray)}
+               "ray": ("Folds as Ray tasks: a local 2-node cluster against one process", bench_ray),
+               "labels": ("Likely label errors: 5% flipped labels, found by `label-issues` and excluded",
+                          bench_photos.label_noise)}
     for name, (title, measure) in quality.items():
         if name in sections:
             body = measure(cfg)
