@@ -126,7 +126,8 @@ def test_when_auto_unfreezes_fold_0_is_the_screening_run_not_trained_again(make_
     monkeypatch.setattr(unfreeze, "paired_gain", lambda base, new, seed=0: (1.0, 0.0))  # the evidence says unfreeze
     cfg = make_config(*FAST, "train.unfreeze=auto", "train.unfreeze_lrs=[]", "folds.n_splits=2")
     run_folds(cfg)
-    run_train(cfg)
+    run_train(make_config(*FAST, "train.unfreeze=never", "folds.n_splits=2"))  # a fold 0 of other settings
+    run_train(cfg)  # is replaced by the screening run
     import pandas as pd
     name, paths = cfg.backbones[0].slug, Paths(cfg)
     screened = pd.read_csv(paths.backbone_dir(name) / "unfreeze" / "lr0.001" / "history.csv")
