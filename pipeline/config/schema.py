@@ -3,7 +3,8 @@
 Every section is a dataclass; unknown keys, wrong types and out-of-range values raise a
 :class:`PipelineError` that names the key and lists the valid ones. ``key.sub=value``
 words on the command line override the file (values are parsed as YAML, so
-``train.unfrozen.lr=3e-4`` is a float and ``augment.tta=[identity,hflip]`` a list).
+``train.unfrozen.lr=3e-4`` is a float and ``augment.tta=[identity,hflip]`` a list). A top-level
+``preset`` (:mod:`pipeline.config.presets`) lies under both: schema defaults < preset < file < words.
 
 Example
 -------
@@ -23,6 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
+from pipeline.config.presets import PRESETS, preset_raw
 from pipeline.core.errors import PipelineError
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
@@ -545,8 +547,9 @@ def _build(cls, data: dict, key: str = ""):
     unknown = [k for k in data if k not in fields]
     if unknown:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
+        valid = [*fields, *(LOADER_KEYS if cls is Config else ())]
         raise PipelineError(f"unknown config key '{where}'; valid keys{' in ' + key if key else ''}: "
-                            f"{', '.join(fields)}")
+                            f"{', '.join(valid)}")
     hints = typing.get_type_hints(cls)
     data = {name: _with_section_defaults(fields[name], value) for name, value in data.items()}
     kwargs = {name: _coerce(value, hints[name], f"{key}.{name}" if key else name) for name, value in data.items()}
@@ -633,10 +636,42 @@ def expand_seeds(backbones: list[BackboneConfig]) -> list[BackboneConfig]:
     return out
 
 
+LOADER_KEYS = ("preset",)  # top-level keys the loader reads before building the Config (not fields of it)
+
+
+def chosen_preset(raw: dict, overrides: list[str] | tuple = ()) -> str | None:
+    """The preset a raw config and its override words choose: the last ``preset=...`` word's, else
+    the file's ``preset`` (None: no preset); an unknown name is an error listing the valid ones."""
+    name = raw.get("preset")
+    for word in overrides:
+        dotted, _, text = word.partition("=")
+        if dotted.strip() == "preset":
+            try:
+                name = yaml.safe_load(text) if text != "" else None
+            except yaml.YAMLError:
+                name = text
+    _check(name is None or (isinstance(name, str) and name in PRESETS), "preset",
+           f"{name!r} is not a preset; valid: {', '.join(PRESETS)} (or null: none)")
+    return name
+
+
+def _with_preset(raw: dict, name: str | None) -> dict:
+    """``raw`` over the preset ``name``'s keys (mappings merged, lists replaced), without the key
+    ``preset``; the override words go on top of this (:func:`config_from_dict`)."""
+    raw = {k: v for k, v in raw.items() if k != "preset"}
+    return raw if name is None else _merge(preset_raw(name), raw, "preset")
+
+
 def config_from_dict(raw: dict, overrides: list[str] | tuple = ()) -> Config:
+    """The validated Config of a raw mapping (a YAML file's) and ``key=value`` words: schema
+    defaults < the chosen ``preset``'s keys < ``raw`` < the words (docs/configuration.md)."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy through YAML types
+    preset = chosen_preset(raw, overrides)  # from the last word first: the words then override the preset too
+    raw = _with_preset(raw, preset)
     for word in overrides:
         apply_override(raw, word)
+    _check(raw.pop("preset", preset) == preset, "preset",
+           f"give one name ({', '.join(PRESETS)}) or null, not a section")
     cfg = _build(Config, raw)
     for i, b in enumerate(cfg.backbones):  # each entry's overrides make a valid config (keys as written)
         cfg.variant(b, f"backbones[{i}]")

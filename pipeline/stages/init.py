@@ -50,6 +50,12 @@ def _draft(comp: Competition, name: str, root: str, size: int, size_why: str, so
                  why=why)
 
 
+def _models(draft: Draft, cfg, size: int) -> str:
+    """What trains: the preset's backbones (the measured size is in a comment), or the one backbone."""
+    sizes = ", ".join(f"{b.slug} {b.image_size} px" for b in cfg.backbones)
+    return f"preset {draft.preset}: {sizes}; measured image size {size}" if draft.preset else sizes
+
+
 def _write_new(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file, never replacing a file that appeared meanwhile."""
     exists = PipelineError(f"{path} exists: init never overwrites a config; delete it or pass --name")
@@ -94,7 +100,8 @@ def run_init(data_dir: str | Path, name: str | None = None, given_words: list[st
     md, png = write_report(comp, findings, report_dir, name, time.perf_counter() - start)
     _write_new(path, text)
     print(f"init: wrote {path} ({comp.task}; id {comp.id_column}; target {', '.join(comp.target_columns)}; "
-          f"metric {comp.metric}; image_size {size}) and {md} (+ {png.name}) in {time.perf_counter() - start:.1f} s")
+          f"metric {comp.metric}; {_models(draft, cfg, size)}) and {md} (+ {png.name}) in "
+          f"{time.perf_counter() - start:.1f} s")
     for line in findings.summary():
         print(f"init: report: {line}")
     print(f"init: check the metric against the competition's evaluation page, then "

