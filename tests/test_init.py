@@ -225,3 +225,18 @@ def test_names_sizes_and_quoting():
     raw = yaml.safe_load(text)
     assert raw["data"]["positive_class"] == "yes"  # quoted: YAML would read a bare yes as true
     assert raw["train"]["unfrozen"]["lr"] == pytest.approx(1e-4)  # a float, not the text '1e-4'
+
+
+def test_make_folds_refreshes_the_report_init_wrote(workdir, capsys):
+    from pipeline.stages.folds import run_folds
+
+    root = workdir / "data" / "comp"
+    write_dataset(root, "multiclass", n_train=30, n_test=6)
+    cfg = load_config(run_init(root))
+    report = workdir / "runs" / "comp" / "data_report.md"
+    assert "**0 test images**" in report.read_text() and "test_0000" not in report.read_text()
+    shutil.copyfile(root / "train" / "img_0003.png", root / "test" / "test_0000.png")  # a leak appears
+    capsys.readouterr()
+    run_folds(cfg)
+    assert "1 test images are byte-identical to train images" in capsys.readouterr().out
+    assert "test_0000" in report.read_text() and "img_0003" in report.read_text()

@@ -408,8 +408,8 @@ class Config:
     runs_dir: str = "runs"
     folds_dir: str = "folds"
     submissions_dir: str = "submissions"
-
     time_budget_min: Optional[float] = None  # `make all`: the whole run in this many minutes, planned across backbones
+
     def validate(self) -> None:
         from pipeline.domain.metrics import METRICS  # local import keeps config import-light
         _check(bool(self.name) and "/" not in self.name, "name", "give a plain experiment name (used in file names)")
@@ -430,9 +430,9 @@ class Config:
         clash = groups & set(ids)
         _check(not clash, "backbones", f"{sorted(clash)} names both a model and the seed-mean of a `seeds:` entry; "
                                        f"give one of them another `id:`")
-        self.train.validate("train")
         _check(self.time_budget_min is None or self.time_budget_min > 0, "time_budget_min",
                "give the whole run's minutes (> 0), or null for no budget")
+        self.train.validate("train")
         self.augment.validate("augment")
         self.tune.validate("tune")
         self.ensemble.validate("ensemble")

@@ -8,6 +8,7 @@ perceptual hash. The PNG shows a few images per class (per label, or per target 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pandas as pd
 from pipeline.core import artifacts
 from pipeline.data.images import PATH
 from pipeline.data.inspect import Competition
-from pipeline.data.scan import NEAR_DISTANCE, near_groups
+from pipeline.data.scan import NEAR_DISTANCE, near_groups, scan_images
 
 REPORT_MD = "data_report.md"
 REPORT_PNG = "data_report.png"
@@ -353,3 +354,13 @@ def plot_examples(comp: Competition, path: Path, per_class: int = PER_CLASS, see
     with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     return path
+
+
+def refresh_report(comp: Competition, out_dir: Path, name: str) -> tuple[Findings, Path, Path]:
+    """Scan every train and test image once (sizes, modes, hashes), find the problems and write
+    ``out_dir/data_report.{md,png}``: what ``init`` writes, redone by the folds stage."""
+    start = time.perf_counter()
+    scan = scan_images(sorted(set(comp.train_files) | set(comp.test_files)))
+    findings = find(comp, scan)
+    md, png = write_report(comp, findings, out_dir, name, time.perf_counter() - start)
+    return findings, md, png

@@ -9,7 +9,10 @@ from pipeline.config.paths import Paths
 from pipeline.config.run_only import digest_section
 from pipeline.config.schema import Config
 from pipeline.core import artifacts, locks
+from pipeline.core.errors import PipelineError
 from pipeline.data.images import PATH
+from pipeline.data.inspect import GIVEN_KEYS, inspect_competition
+from pipeline.data.report import REPORT_MD, refresh_report
 from pipeline.data.splits import assign_folds, describe_targets
 from pipeline.data.tables import exclude_ids_file, read_test_table, read_train_table, task_spec
 
@@ -47,4 +50,21 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
     sizes = np.bincount(fold).tolist()
     print(f"folds: wrote {out} ({len(frame)} rows, {cfg.folds.n_splits} folds of sizes {sizes}, "
           f"strategy {cfg.folds.strategy}){describe_targets(spec)}")
+    _refresh_data_report(cfg)
     return out
+
+
+def _refresh_data_report(cfg: Config) -> None:
+    """``init``'s ``runs/<exp>/data_report.md`` (+ ``.png``) redone for the data the folds were just
+    made from (only where there is one: scanning every image is not free, and tests make many folds);
+    a layout the report cannot read leaves the old report, with a note."""
+    if not (Paths(cfg).exp_dir / REPORT_MD).exists():
+        return
+    given = {key: getattr(cfg.data, key) for key in GIVEN_KEYS}
+    try:
+        comp = inspect_competition(cfg.data.root, given)
+    except PipelineError as exc:
+        print(f"folds: the data report was not refreshed: {exc}")
+        return
+    findings, md, _ = refresh_report(comp, Paths(cfg).exp_dir, cfg.name)
+    print(f"folds: data report {md}: " + ("; ".join(findings.summary()) or "nothing to act on"))
