@@ -35,6 +35,7 @@ from pipeline.stages.train import run_train
 from pipeline.training.budget import RunCosts, Speeds, epochs_that_fit, measure_speeds, run_costs
 
 RESERVE_S, RESERVE_SHARE = 15.0, 0.03  # kept back for the ensembles and the leaderboard
+MEASURE_BATCH, MEASURE_STEPS = 8, 1  # a few seconds per backbone on a CPU, out of the budget
 CALIBRATION = (1.0, 3.0)  # how far a frozen-only run's real/estimated time may correct the estimates
 
 
@@ -120,7 +121,8 @@ class BudgetedRun:
         for entry in cfg.backbones:
             vcfg, bcfg = cfg.variant(entry)
             saved = self.model(entry).get("speeds")
-            speeds = Speeds(**saved) if saved else measure_speeds(vcfg, bcfg, spec, spec.encode(table))
+            speeds = Speeds(**saved) if saved else measure_speeds(vcfg, bcfg, spec, spec.encode(table),
+                                                                  steps=MEASURE_STEPS, batch=MEASURE_BATCH)
             self.model(entry)["speeds"] = dataclasses.asdict(speeds)
             costs[entry.slug] = run_costs(speeds, len(table), len(test), cfg.folds.n_splits, len(vcfg.augment.tta))
         self.save()
@@ -157,7 +159,7 @@ class BudgetedRun:
         if "frozen_s" not in step:
             if entry is not self.cfg.backbones[0] and costs.frozen_s > self.left():
                 step["skipped"] = f"its frozen-only path (~{costs.frozen_s / 60:.1f} min) did not fit"
-                print(f"{entry.slug}: skipped: {step['skipped']} in the {self.left() / 60:.1f} min left")
+                print(f"{entry.slug}: skipped: {step['skipped']} in the {max(self.left(), 0) / 60:.1f} min left")
                 self.save()
                 return False
             start = time.perf_counter()

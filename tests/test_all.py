@@ -35,7 +35,7 @@ def test_the_most_epochs_that_fit_for_every_fold():
 
 
 def _speeds(train_img_s: float):
-    return lambda cfg, bcfg, spec, targets: Speeds(train_img_s=train_img_s, infer_img_s=1000.0)
+    return lambda cfg, bcfg, spec, targets, **how: Speeds(train_img_s=train_img_s, infer_img_s=1000.0)
 
 
 @pytest.mark.slow

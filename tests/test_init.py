@@ -240,3 +240,22 @@ def test_make_folds_refreshes_the_report_init_wrote(workdir, capsys):
     run_folds(cfg)
     assert "1 test images are byte-identical to train images" in capsys.readouterr().out
     assert "test_0000" in report.read_text() and "img_0003" in report.read_text()
+
+
+@pytest.mark.slow
+def test_init_then_a_budgeted_make_all_gives_a_valid_submission_without_editing(workdir, capsys, one_torch_thread):
+    """The issue's promise: a new competition folder, `make init`, `make all BUDGET=...`, nothing
+    edited. A half-minute budget keeps it frozen-only (the preset's bundled backbones)."""
+    root = workdir / "data" / "comp"
+    write_dataset(root, "binary", n_train=40, n_test=8)
+    assert main(["init", str(root)]) == 0
+    assert main(["all", "-c", "configs/comp.yaml", "--budget", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "time budget: used" in out and "1. the frozen-only path of every backbone" in out
+    sample = pd.read_csv(root / "sample_submission.csv")
+    written = sorted((workdir / "submissions").glob("comp-*.csv"))
+    assert written and (workdir / "submissions" / "leaderboard.csv").exists()
+    for path in written:
+        frame = pd.read_csv(path)
+        assert list(frame.columns) == list(sample.columns) and frame[ID_COLUMN].tolist() == sample[ID_COLUMN].tolist()
+        assert frame["label"].between(0, 1).all()  # binary, roc_auc: probabilities, as the sample's format

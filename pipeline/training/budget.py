@@ -45,14 +45,17 @@ class Plan:
                 f"{speeds.infer_img_s:.0f} inference images/s measured on this machine")
 
 
-def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: np.ndarray, steps: int = 3) -> Speeds:
+def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: np.ndarray, steps: int = 3,
+                   batch: int | None = None) -> Speeds:
     """Images/s of the backbone's training step and forward pass on random uint8 images with real
-    encoded ``targets`` (the first step of each is a warm-up and is not timed)."""
+    encoded ``targets`` (the first step of each is a warm-up and is not timed), at the configured
+    batch or a smaller ``batch`` (a quicker, on a GPU more pessimistic, measurement)."""
     model = create_backbone(bcfg, spec.num_outputs, Paths(cfg).exp_dir)
     dc = data_config(model, bcfg)
     rt = Runtime.create(cfg.train, dc["mean"], dc["std"])
     rt.prepare_model(model)
-    batch, size = bcfg.batch_size or cfg.train.batch_size, dc["size"]
+    size = dc["size"]
+    batch = min(batch or 10**9, bcfg.batch_size or cfg.train.batch_size)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     y = torch.from_numpy(np.resize(targets, (batch, *targets.shape[1:])))
     phase = PhaseConfig(epochs=1, lr=1e-4)
