@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from pipeline.bench.quality import solution_targets
 from pipeline.config.paths import Paths
@@ -39,7 +40,7 @@ SEEDS = {("unfreeze", "always"): (42,)}  # recipes measured on fewer seeds (thei
 
 
 def _variant(cfg: Config, overrides: dict, seed: int, root: Path) -> Config:
-    raw = __import__("yaml").safe_load(dump_config(cfg.replace(backbones=[cfg.backbones[0]])))
+    raw = yaml.safe_load(dump_config(cfg.replace(backbones=[cfg.backbones[0]])))
     raw.update(runs_dir=str(root / "runs"), folds_dir=str(root / "folds"), submissions_dir=str(root / "subs"))
     raw["train"]["seed"] = seed
     raw["train"]["use_tuned"] = "false"
@@ -255,7 +256,7 @@ def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int 
 def _preset_variant(cfg: Config, preset: str, seed: int, root: Path) -> Config:
     """The experiment's resolved settings with ``preset``, less every key the preset sets (so the
     preset's value applies, not the experiment's), in its own runs folder."""
-    raw = __import__("yaml").safe_load(dump_config(cfg))
+    raw = yaml.safe_load(dump_config(cfg))
     for dotted in PRESETS[preset]:
         node = raw
         *parents, leaf = dotted.split(".")

@@ -68,7 +68,8 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
         check_weights(bcfg, f"backbones[{cfg.backbones.index(bcfg)}].weights", paths.exp_dir)
     check_images_readable(table, cfg.data.id_column, paths.train_dir, verified_dir(cfg))  # before any write
     artifacts.check_writable(paths.exp_dir)
-    artifacts.remove_stale_temps(paths.exp_dir, recursive=True)
+    if main:  # one rank clears: on a shared file system another node's rank 0 may be writing a temp now
+        artifacts.remove_stale_temps(paths.exp_dir, recursive=True)
     if main:  # everything is valid: the next train run (or fold process) skips decoding these images
         record_verified(table, verified_dir(cfg))
         record_verified(test, verified_dir(cfg))
