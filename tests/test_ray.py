@@ -50,6 +50,7 @@ NODE_LINE = re.compile(r"^test_efficientnet fold (\d): .* on node 127\.0\.0\.1 \
 def cluster():
     """(head node id, worker node, worker node id, the nodes' Ray temporary directory)."""
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's sockets live here (107-byte path limit)
+    os.makedirs("/tmp/ray", exist_ok=True)  # Ray writes the current cluster's address there, whatever temp_dir says
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                           "object_store_memory": OBJECT_STORE, "temp_dir": temp})
     worker = nodes.add_node(num_cpus=1, object_store_memory=OBJECT_STORE, temp_dir=temp)

@@ -94,6 +94,7 @@ def bench_ray(cfg: Config, folds: int = 4) -> str:
         torch.set_num_threads(threads)
 
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: the nodes' sockets live here
+    os.makedirs("/tmp/ray", exist_ok=True)  # Ray writes the current cluster's address there, whatever temp_dir says
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                           "object_store_memory": OBJECT_STORE, "temp_dir": temp})
     try:
