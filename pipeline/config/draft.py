@@ -138,7 +138,7 @@ def _header(out: _Lines, d: Draft) -> None:
         out.note(0, "this file is the recipe to read and edit. Every key: docs/configuration.md.")
     if d.report:
         out.note(0, f"The data report (counts, class balance, sizes, duplicates, leaks): {d.report}")
-    out.note(0, f"Next: make folds train-folds ensemble leaderboard CONFIG=configs/{d.name}.yaml")
+    out.note(0, f"Next: make all CONFIG=configs/{d.name}.yaml BUDGET=30 (the whole run in 30 minutes)")
     out.note(0, "Override any key for one run: make train-folds CONFIG=... ARGS=\"train.unfrozen.epochs=5\"")
 
 

@@ -105,5 +105,5 @@ def run_init(data_dir: str | Path, name: str | None = None, given_words: list[st
     for line in findings.summary():
         print(f"init: report: {line}")
     print(f"init: check the metric against the competition's evaluation page, then "
-          f"make folds train-folds ensemble leaderboard CONFIG={path}")
+          f"make all CONFIG={path} BUDGET=30 (folds, train, ensemble, leaderboard in 30 minutes)")
     return path
