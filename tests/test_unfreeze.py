@@ -47,7 +47,7 @@ def test_mcnemar_counts_only_discordant_rows():
 
 
 class _FakeScreen:
-    """Per-row losses as the screening runs would give them, for the decision rule alone."""
+    """Per-row losses (and rows right) as the screening runs would give them, for the decision rule alone."""
     losses: dict = {}
 
     def __init__(self, cfg, bcfg, spec, table, store, lr):
@@ -57,31 +57,82 @@ class _FakeScreen:
         return self.losses["first"][self.lr]
 
     def probe_losses(self):
-        return self.losses["probe"], None
+        return self.losses["probe"], self.losses.get("probe_right")
 
     def final_losses(self):
-        return self.losses["final"][self.lr], None
+        return self.losses["final"][self.lr], self.losses.get("final_right")
 
 
-@pytest.mark.parametrize("final_shift, lr_shift, unfreezes, lr", [
-    (-0.2, 0.0, True, 1e-3),      # clearly better than the probe, no better LR: unfreeze at the config's LR
-    (-0.2, -0.3, True, 1e-2),     # and another LR clearly better after the first epoch: that LR
-    (0.0, -0.3, False, 1e-2),     # no better than the probe at the chosen LR: frozen-only
-    (+0.1, 0.0, False, 1e-3),     # worse: frozen-only
+class _Classes:
+    task = "multiclass"
+
+
+@pytest.mark.parametrize("final_shift, lr_shift, alpha, unfreezes, lr", [
+    (-0.2, 0.0, 0.5, True, 1e-3),     # clearly better than the probe, no better LR: unfreeze at the config's LR
+    (-0.2, -0.3, 0.5, True, 1e-2),    # and another LR clearly better after the first epoch: that LR
+    (+0.1, 0.0, 0.5, False, 1e-3),    # worse: frozen-only
+    (-0.002, 0.0, 0.5, True, 1e-3),   # a small gain, more likely than not: unfreeze (the default rule)
+    (-0.002, 0.0, 0.05, False, 1e-3), # the same gain, where a significant one is asked for: frozen-only
+    (0.0, -0.3, 0.05, False, 1e-2),   # noise around no change, significance asked for: frozen-only
 ])
-def test_the_decision_follows_the_paired_evidence(make_config, monkeypatch, final_shift, lr_shift, unfreezes, lr):
+def test_the_decision_follows_the_paired_evidence(make_config, monkeypatch, final_shift, lr_shift, alpha,
+                                                  unfreezes, lr):
     rng = np.random.default_rng(1)
     probe = rng.uniform(0.2, 1.0, 120)
-    noise = lambda: rng.normal(0, 0.02, 120)  # noqa: E731
+    def noise():  # centred: the shift is the mean change exactly
+        z = rng.normal(0, 0.02, 120)
+        return z - z.mean()
+
     _FakeScreen.losses = {"probe": probe,
                           "first": {1e-3: probe + noise(), 1e-2: probe + lr_shift + noise()},
                           "final": {1e-3: probe + final_shift + noise(), 1e-2: probe + final_shift + noise()}}
     monkeypatch.setattr(unfreeze, "_Screen", _FakeScreen)
-    cfg = make_config(*FAST, "train.unfreeze=auto", "train.unfreeze_lrs=[1e-3,1e-2]")
+    cfg = make_config(*FAST, "train.unfreeze=auto", "train.unfreeze_lrs=[1e-3,1e-2]", f"train.unfreeze_alpha={alpha}")
     decision = unfreeze.decide(cfg, cfg.backbones[0], None, None, None)
     assert (decision["unfreeze"], decision["lr"]) == (unfreezes, lr)
-    assert decision["rows"] == 120 and decision["fold"] == 0 and str(decision["p"])[:1] in "01"
+    assert decision["rows"] == 120 and decision["fold"] == 0 and decision["statistic"] == "loss"
     assert ("unfreeze at lr" if unfreezes else "frozen-only") in decision["summary"]
+    assert f"p < {alpha:g} (train.unfreeze_alpha)" in decision["summary"]
+
+
+@pytest.mark.parametrize("metric, statistic, unfreezes", [
+    ("accuracy", "right", True),   # a metric of hard labels: rows right decide, though the loss got worse
+    ("log_loss", "loss", False),   # a metric of probabilities: the per-row loss decides
+])
+def test_the_decision_compares_what_the_metric_scores(make_config, monkeypatch, metric, statistic, unfreezes):
+    """On the scene photos the fine-tuned fold 0 got more rows right with a higher per-row loss: the
+    decision reads the measure the competition scores."""
+    probe = np.full(120, 0.28)
+    probe_right = np.array([True] * 108 + [False] * 12)
+    final_right = probe_right.copy()
+    final_right[108:113] = True  # 5 rows won
+    final_right[:1] = False  # 1 lost
+    _FakeScreen.losses = {"probe": probe, "probe_right": probe_right, "first": {1e-3: probe + 0.02},
+                          "final": {1e-3: probe + 0.02}, "final_right": final_right}
+    monkeypatch.setattr(unfreeze, "_Screen", _FakeScreen)
+    cfg = make_config(*FAST, "train.unfreeze=auto", f"metric={metric}")
+    decision = unfreeze.decide(cfg, cfg.backbones[0], _Classes, None, None)
+    assert decision["statistic"] == statistic and decision["unfreeze"] is unfreezes
+    if statistic == "right":
+        assert decision["gain"] == pytest.approx(4 / 120) and "+4 row(s) right" in decision["summary"]
+    assert decision["loss_gain"] == pytest.approx(-0.02)
+
+
+def test_a_tie_everywhere_is_no_evidence():
+    same = np.ones(50)
+    assert paired_gain(same, same) == (0.0, 0.5)
+
+
+def test_an_unfreezing_auto_trains_the_folds_of_always(make_config):
+    """The resolved config holds the decision; the decision's own keys do not move the folds' digests."""
+    from pipeline.training.fingerprint import fold_digest
+
+    auto = make_config(*FAST, "train.unfreeze=auto", "train.unfreeze_lrs=[1e-3,3e-3]", "train.unfreeze_alpha=0.1")
+    always = make_config(*FAST, "train.unfreeze=always")
+    never = make_config(*FAST, "train.unfreeze=never", "train.unfrozen.epochs=0")
+    b = auto.backbones[0]
+    assert fold_digest(unfreeze._with(auto, lr=1e-3), b, 1) == fold_digest(always, b, 1)
+    assert fold_digest(unfreeze._with(auto, epochs=0), b, 1) == fold_digest(unfreeze._with(never, epochs=0), b, 1)
 
 
 def test_bad_unfreeze_keys_are_one_line(make_config):
@@ -89,6 +140,8 @@ def test_bad_unfreeze_keys_are_one_line(make_config):
         make_config("train.unfreeze=sometimes")
     with pytest.raises(PipelineError, match="train.unfreeze_lrs"):
         make_config("train.unfreeze_lrs=[-1]")
+    with pytest.raises(PipelineError, match="train.unfreeze_alpha.*must be in"):
+        make_config("train.unfreeze_alpha=0")
     with pytest.raises(PipelineError, match="train.probe_views.*valid: identity"):
         make_config("train.probe_views=[sideways]")
 

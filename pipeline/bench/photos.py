@@ -36,7 +36,7 @@ RECIPES = {
                "probe + hflip views": {"train.unfreeze": "never", "train.probe_views": ["identity", "hflip"]}},
     "unfreeze": {"auto": {"train.unfreeze": "auto"}, "always": {"train.unfreeze": "always"}},
 }
-SEEDS = {("unfreeze", "always"): (42,)}  # recipes measured on fewer seeds (their cost), by (section, recipe)
+SEEDS: dict = {}  # recipes measured on fewer seeds (their cost), by (section, recipe)
 
 
 def _variant(cfg: Config, overrides: dict, seed: int, root: Path) -> Config:
@@ -62,24 +62,30 @@ def hidden_test_score(cfg: Config, model: str) -> float:
     return float(score(metric, spec, solution_targets(cfg, spec, test), spec.predictions_from_frame(frame)))
 
 
+def _train_and_score(vcfg: Config) -> tuple[dict, dict]:
+    """Folds and the train stage of ``vcfg``'s one backbone: its cv.json, and its CV, hidden-test
+    score and the train stage's wall time."""
+    from pipeline.stages.train import run_train
+
+    run_folds(vcfg)
+    start = time.perf_counter()
+    run_train(vcfg)
+    seconds = time.perf_counter() - start
+    model = vcfg.backbones[0].slug
+    cv = artifacts.read_json(Paths(vcfg).cv_json(model))
+    return cv, {"cv": cv["cv_mean"], "test": hidden_test_score(vcfg, model), "seconds": seconds}
+
+
 def run_recipes(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
     """Markdown: per recipe and seed, CV, hidden test and the train stage's wall time; then the
     means per recipe."""
-    from pipeline.stages.train import run_train
-
     rows = []
     for name, overrides in RECIPES[section].items():
         for seed in SEEDS.get((section, name), seeds):
             root = Path(cfg.runs_dir) / "bench" / f"{section}-{name.replace(' ', '_').replace('+', '')}-s{seed}"
-            vcfg = _variant(cfg, overrides, seed, root)
-            run_folds(vcfg)
-            start = time.perf_counter()
-            run_train(vcfg)
-            seconds = time.perf_counter() - start
-            model = vcfg.backbones[0].slug
-            cv = artifacts.read_json(Paths(vcfg).cv_json(model))
-            rows.append({"recipe": name, "seed": seed, "cv": cv["cv_mean"], "test": hidden_test_score(vcfg, model),
-                         "seconds": seconds, "decision": (cv.get("unfreeze") or {}).get("summary", "")})
+            cv, scores = _train_and_score(_variant(cfg, overrides, seed, root))
+            rows.append({"recipe": name, "seed": seed, **scores,
+                         "decision": (cv.get("unfreeze") or {}).get("summary", "")})
             print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     lines = ["| recipe | seed | CV | hidden test | test - CV | train stage s | decision |", "|---|---|---|---|---|---|---|"]
@@ -196,7 +202,6 @@ def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int 
     import shutil
 
     from pipeline.stages.label_issues import run_label_issues
-    from pipeline.stages.train import run_train
 
     base = Path(cfg.runs_dir) / "bench" / f"labels-flip{flip_seed}"
     frozen = {"train.unfreeze": "never"}
@@ -204,14 +209,7 @@ def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int 
 
     def trained(name: str, folder: str, overrides: dict) -> tuple[Config, dict]:
         vcfg = _variant(cfg, {**frozen, **overrides}, seed, base / folder)
-        run_folds(vcfg)
-        start = time.perf_counter()
-        run_train(vcfg)
-        seconds = time.perf_counter() - start
-        model = vcfg.backbones[0].slug
-        cv = artifacts.read_json(Paths(vcfg).cv_json(model))
-        row = {"train on": name, "rows": len(read_folds(vcfg)), "cv": cv["cv_mean"],
-               "test": hidden_test_score(vcfg, model), "seconds": seconds}
+        row = {"train on": name, **_train_and_score(vcfg)[1], "rows": len(read_folds(vcfg))}
         print(row, flush=True)
         return vcfg, row
 

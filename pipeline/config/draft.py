@@ -219,7 +219,9 @@ def _train(out: _Lines, d: Draft) -> None:
     out.key(2, "warmup_epochs", t.unfrozen.warmup_epochs, "linear warmup, then cosine to lr x min_lr_ratio")
     out.setting(d, 1, "train.unfreeze", t.unfreeze,
                 "auto: fold 0 tests whether fine-tuning beats the probe (always; never: frozen-only)")
-    out.key(1, "unfreeze_lrs", t.unfreeze_lrs, "auto: the unfrozen LRs fold 0 screens, one epoch each")
+    out.key(1, "unfreeze_lrs", t.unfreeze_lrs, "auto: other unfrozen LRs fold 0 screens, one epoch each")
+    out.key(1, "unfreeze_alpha", t.unfreeze_alpha,
+            "auto unfreezes when a gain is more likely than not (0.05: only a significant one)")
     out.key(1, "keep", t.keep, "a fold keeps its best epoch on the validation rows (or last, swa)")
 
 

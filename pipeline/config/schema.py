@@ -170,7 +170,8 @@ class TrainConfig:
     min_unfrozen_epochs: int = 1  # early stopping never ends the unfrozen phase before this many epochs
     keep: str = "best"  # best (epoch by the validation score) | last | swa (average of the last swa_epochs)
     unfreeze: str = "auto"  # always | never (frozen-only) | auto: fold 0 decides, with a paired test, whether to
-    unfreeze_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])  # auto: unfrozen LRs it screens
+    unfreeze_lrs: list[float] = field(default_factory=list)  # auto: other unfrozen LRs fold 0 screens (one epoch each)
+    unfreeze_alpha: float = 0.5  # auto: unfreeze when the paired bootstrap's one-sided p of no gain is below this
     swa_epochs: int = 2
     freeze_bn: bool = True  # unfrozen phase: BatchNorm keeps its pretrained running statistics
     adapt_bn: bool = False  # re-estimate BatchNorm statistics on the train images before the frozen phase
@@ -212,6 +213,8 @@ class TrainConfig:
                f"'{self.unfreeze}' is not a choice; valid: {', '.join(UNFREEZE)}")
         _check(all(isinstance(lr, (int, float)) and lr > 0 for lr in self.unfreeze_lrs), f"{key}.unfreeze_lrs",
                f"{self.unfreeze_lrs}: list positive learning rates (or none: screen only train.unfrozen.lr)")
+        _check(0 < self.unfreeze_alpha <= 1, f"{key}.unfreeze_alpha",
+               f"{self.unfreeze_alpha}: must be in (0, 1] (0.5: a gain more likely than not; 0.05: a significant one)")
         _check(self.time_budget_min is None or self.time_budget_min > 0, f"{key}.time_budget_min",
                "must be > 0 minutes or null")
         _check(self.min_unfrozen_epochs >= 0, f"{key}.min_unfrozen_epochs", "must be >= 0")

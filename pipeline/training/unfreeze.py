@@ -1,18 +1,23 @@
 """``train.unfreeze``: whether (and at which LR) the folds fine-tune the whole network, decided per
 backbone from evidence (``auto``), or fixed (``always``; ``never`` is the frozen-only path).
 
-``auto`` looks at fold 0 only. Its linear probe is trained once; then each LR of
-``train.unfreeze_lrs`` trains fold 0 for one unfrozen epoch, and the LR that lowers the per-row
-validation loss most replaces ``train.unfrozen.lr`` only when a paired bootstrap over those rows
-says so (one-sided p < ``ALPHA``). The chosen LR then finishes fold 0's unfrozen epochs (kept:
-the last epoch, so no epoch is picked on the rows that judge), and the remaining folds unfreeze
-only when that model's per-row loss beats the probe's on fold 0's validation rows by more than
-the noise (the same paired test). Otherwise every fold runs frozen-only, on cached features.
+``auto`` looks at fold 0 only. Its linear probe is trained once, then fold 0 trains through its
+unfrozen epochs at ``train.unfrozen.lr`` (with ``train.unfreeze_lrs``, each other LR first trains
+one unfrozen epoch, and the LR that lowers the per-row validation loss most replaces the configured
+one only on significant evidence: one-sided p < ``LR_ALPHA``). The remaining folds unfreeze when
+that model beats the probe on fold 0's validation rows, by the competition's own measure: rows
+right for a metric of hard labels (accuracy, F1, kappa), the per-row loss otherwise (log loss, AUC,
+regression). "Beats" is a paired bootstrap over the rows: the one-sided p-value of no gain must be
+below ``train.unfreeze_alpha``. Its default, 0.5, unfreezes when a gain is more likely than not, so
+the two wrong answers cost alike: a needless unfreeze costs time (never more than ``always``,
+since fold 0's run is kept as fold 0), a needless frozen-only run costs accuracy. 0.05 unfreezes
+only on significant evidence. Otherwise every fold runs frozen-only, on cached features.
 
 Fold 0's validation rows made the choice, so they count as a selection: ``cv.json`` lists fold 0
 in ``tuned_folds`` (``cv_untuned`` is the mean of the other folds) and records the decision with
 its evidence under ``unfreeze``. The screening runs live in ``runs/<exp>/<id>/unfreeze/``, resume
-like any fold, and the decision is kept in ``unfreeze.json`` while fold 0's inputs are unchanged.
+like any fold, and the decision is kept in ``unfreeze.json`` while fold 0's inputs and the rule
+are unchanged.
 """
 from __future__ import annotations
 
@@ -25,12 +30,13 @@ import torch
 from pipeline.config.paths import Paths
 from pipeline.config.schema import BackboneConfig, Config
 from pipeline.core import artifacts
+from pipeline.domain.metrics import get_metric
 from pipeline.engine import checkpoints
 from pipeline.engine.features import FeatureStore
 from pipeline.training.fingerprint import fold_digest
 from pipeline.training.trainer import FoldJob, FoldTrainer
 
-ALPHA = 0.05  # one-sided significance of a paired improvement
+LR_ALPHA = 0.05  # one-sided significance an LR other than the configured one needs
 BOOTSTRAP = 4000
 FOLD = 0  # the fold that decides
 
@@ -41,11 +47,12 @@ class _Paused(Exception):
 
 def paired_gain(base: np.ndarray, new: np.ndarray, seed: int = 0) -> tuple[float, float]:
     """Mean per-row improvement ``base - new`` (losses: positive is better) and the one-sided
-    bootstrap p-value of no improvement (resampling rows, pairs kept together)."""
+    bootstrap p-value of no improvement (resampling rows, pairs kept together; a resample with no
+    change counts half, so a tie everywhere gives 0.5)."""
     diff = np.asarray(base, dtype=float) - np.asarray(new, dtype=float)
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))].mean(axis=1)
-    return float(diff.mean()), float((means <= 0).mean())
+    return float(diff.mean()), float((means < 0).mean() + 0.5 * (means == 0).mean())
 
 
 def mcnemar_p(base_right: np.ndarray, new_right: np.ndarray) -> float | None:
@@ -66,12 +73,13 @@ def resolve_unfreeze(cfg: Config, bcfg: BackboneConfig, spec, table, store: Feat
     path = Paths(cfg).backbone_dir(bcfg.slug) / "unfreeze.json"
     digest = fold_digest(cfg, bcfg, FOLD)
     saved = artifacts.read_json(path) if path.exists() else None
-    if saved is not None and saved.get("digest") == digest:
+    rule = {"alpha": t.unfreeze_alpha, "lrs": list(t.unfreeze_lrs)}
+    if saved is not None and saved.get("digest") == digest and saved.get("rule") == rule:
         decision = saved["decision"]
         print(f"{bcfg.slug}: train.unfreeze auto: {decision['summary']} (decided before: {path})")
     else:
         decision = decide(cfg, bcfg, spec, table, store)
-        artifacts.write_json(path, {"digest": digest, "decision": decision})
+        artifacts.write_json(path, {"digest": digest, "rule": rule, "decision": decision})
         print(f"{bcfg.slug}: train.unfreeze auto: {decision['summary']} -> {path}")
     if decision["unfreeze"]:
         resolved = _with(cfg, lr=decision["lr"])
@@ -81,19 +89,42 @@ def resolve_unfreeze(cfg: Config, bcfg: BackboneConfig, spec, table, store: Feat
 
 
 def _with(cfg: Config, epochs: int | None = None, lr: float | None = None) -> Config:
-    """The resolved config: ``unfreeze`` becomes ``always`` (the decision is in the epochs and LR), so
-    fold processes do not decide again and a frozen-only run has the digests of ``never``."""
+    """The resolved config: ``unfreeze`` becomes ``always`` (the decision is in the epochs and LR) and
+    the decision's own keys go back to their defaults, so fold processes do not decide again, the
+    folds of an unfreezing ``auto`` have the digests of ``always`` and a frozen-only run those of
+    ``never``."""
     unfrozen = cfg.train.unfrozen
     unfrozen = dataclasses.replace(unfrozen, epochs=unfrozen.epochs if epochs is None else epochs,
                                    lr=unfrozen.lr if lr is None else lr)
-    return cfg.replace(train=dataclasses.replace(cfg.train, unfrozen=unfrozen, unfreeze="always"))
+    return cfg.replace(train=_decided(cfg.train, unfrozen=unfrozen))
+
+
+def _decided(train, **changes):
+    """``train`` with ``unfreeze: always`` and the decision's keys at their defaults (plus ``changes``)."""
+    defaults = type(train)()
+    return dataclasses.replace(train, unfreeze="always", unfreeze_lrs=defaults.unfreeze_lrs,
+                               unfreeze_alpha=defaults.unfreeze_alpha, **changes)
+
+
+def _statistic(cfg: Config, spec) -> str:
+    """What the decision compares per row: ``right`` for a metric of hard labels on a classification
+    task, ``loss`` otherwise."""
+    task = getattr(spec, "task", None)
+    if task not in ("binary", "multiclass"):
+        return "loss"
+    return "loss" if get_metric(cfg.metric, task).needs_probabilities else "right"
 
 
 def decide(cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore) -> dict:
     start, t = time.perf_counter(), cfg.train
     lrs = list(dict.fromkeys([t.unfrozen.lr, *t.unfreeze_lrs]))  # the configured LR is the incumbent
-    print(f"{bcfg.slug}: train.unfreeze auto: fold {FOLD} screens unfrozen LRs {', '.join(f'{lr:g}' for lr in lrs)} "
-          f"(one epoch each), then finishes the best and compares it with the probe")
+    if len(lrs) > 1:
+        listed = ", ".join(f"{lr:g}" for lr in lrs)
+        print(f"{bcfg.slug}: train.unfreeze auto: fold {FOLD} screens unfrozen LRs {listed} "
+              f"(one epoch each), then finishes the best and compares it with the probe")
+    else:
+        print(f"{bcfg.slug}: train.unfreeze auto: fold {FOLD} trains its unfrozen epochs at lr {lrs[0]:g} and compares "
+              f"the model with the probe (kept as fold {FOLD} when the folds unfreeze)")
     runs = {lr: _Screen(cfg, bcfg, spec, table, store, lr) for lr in lrs}
     first = {}
     for lr, run in runs.items():
@@ -106,21 +137,37 @@ def decide(cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore) 
         gain, p = paired_gain(first[t.unfrozen.lr], first[best], seed=t.seed)
         lr_evidence = {"first_epoch_loss": {f"{lr:g}": float(first[lr].mean()) for lr in lrs},
                        "best": best, "gain_over_config_lr": gain, "p": p}
-        if best != t.unfrozen.lr and gain > 0 and p < ALPHA:
+        if best != t.unfrozen.lr and gain > 0 and p < LR_ALPHA:
             chosen = best
     probe, (tuned, tuned_right) = runs[chosen].probe_losses(), runs[chosen].final_losses()
-    gain, p = paired_gain(probe[0], tuned, seed=t.seed)
-    unfreeze = gain > 0 and p < ALPHA
+    loss_gain, loss_p = paired_gain(probe[0], tuned, seed=t.seed)
+    statistic = "right" if _statistic(cfg, spec) == "right" and probe[1] is not None else "loss"
+    if statistic == "right":  # rows right: higher is better, so the "losses" are their negatives
+        gain, p = paired_gain(-probe[1].astype(float), -tuned_right.astype(float), seed=t.seed)
+    else:
+        gain, p = loss_gain, loss_p
+    alpha = t.unfreeze_alpha
+    unfreeze = gain > 0 and p < alpha
     mcnemar = mcnemar_p(probe[1], tuned_right) if probe[1] is not None else None
-    epochs = t.unfrozen.epochs
+    epochs, rows = t.unfrozen.epochs, len(tuned)
     verdict = (f"unfreeze at lr {chosen:g}" if unfreeze else "frozen-only (the probe)")
-    summary = (f"{verdict}: on fold {FOLD}'s {len(tuned)} validation rows, {epochs} unfrozen epochs at lr {chosen:g} "
-               f"change the per-row loss by {-gain:+.4f} against the probe (paired bootstrap p = {p:.3f}"
-               + (f", McNemar p = {mcnemar:.3f}" if mcnemar is not None else "") + f"; unfreezing needs p < {ALPHA})")
+    if statistic == "right":
+        right, probe_right = int(tuned_right.sum()), int(probe[1].sum())
+        change = (f"get {right - probe_right:+d} row(s) right against the probe ({right} vs {probe_right}; "
+                  f"paired bootstrap p = {p:.3f}, McNemar p = {mcnemar:.3f}; per-row loss {-loss_gain:+.4f})"
+                  if mcnemar is not None else
+                  f"get the same rows right as the probe ({right}; paired bootstrap p = {p:.3f}; "
+                  f"per-row loss {-loss_gain:+.4f})")
+    else:
+        change = (f"change the per-row loss by {-gain:+.4f} against the probe (paired bootstrap p = {p:.3f}"
+                  + (f", McNemar p = {mcnemar:.3f}" if mcnemar is not None else "") + ")")
+    summary = (f"{verdict}: on fold {FOLD}'s {rows} validation rows, {epochs} unfrozen epochs at lr {chosen:g} "
+               f"{change}; unfreezing needs a gain with p < {alpha:g} (train.unfreeze_alpha)")
     if len(lrs) > 1:
         summary += f"; LR {chosen:g} of {', '.join(f'{lr:g}' for lr in lrs)} (first-epoch p = {lr_evidence['p']:.3f})"
-    return {"unfreeze": bool(unfreeze), "lr": chosen, "rows": len(tuned), "fold": FOLD, "loss_gain": gain,
-            "p": p, "mcnemar_p": mcnemar, "lrs": lr_evidence, "alpha": ALPHA, "unfrozen_epochs": epochs,
+    return {"unfreeze": bool(unfreeze), "lr": chosen, "rows": rows, "fold": FOLD, "statistic": statistic,
+            "gain": gain, "p": p, "loss_gain": loss_gain, "loss_p": loss_p, "mcnemar_p": mcnemar,
+            "lrs": lr_evidence, "alpha": alpha, "unfrozen_epochs": epochs,
             "seconds": time.perf_counter() - start, "summary": summary}
 
 
@@ -137,8 +184,8 @@ class _Screen:
     def __init__(self, cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore, lr: float):
         # the fold's own keep policy (the decision reads the last epoch's weights through ``report``), so
         # that the chosen LR's run can become fold 0 when the folds unfreeze (see adopt_as_fold)
-        train = dataclasses.replace(cfg.train, unfreeze="always", early_stopping_patience=None,
-                                    unfrozen=dataclasses.replace(cfg.train.unfrozen, lr=lr))
+        train = _decided(cfg.train, early_stopping_patience=None,
+                         unfrozen=dataclasses.replace(cfg.train.unfrozen, lr=lr))
         self.cfg, self.bcfg, self.spec, self.table, self.store = cfg.replace(train=train), bcfg, spec, table, store
         paths = Paths(self.cfg)
         self.dir = paths.backbone_dir(bcfg.slug) / "unfreeze" / f"lr{lr:g}"
