@@ -12,10 +12,12 @@ across all backbones together instead of giving each a fixed share:
    frozen-only spends only fold 0's screening, and the rest goes to the next backbone;
 3. the ensembles and the leaderboard over the models trained.
 
-Estimates come from the backbones' measured speeds on this machine, corrected by how long each
-frozen-only run really took. The plan is printed first and kept in ``runs/<exp>/budget.json``
-with the time spent, so a killed run resumes with the same command and the same plan (the time a
-killed step had spent is not counted).
+Estimates come from the backbones' speeds measured on this machine (the model's steps, and the
+reading of a few real image files through the train transform). What a frozen-only run took
+beyond its estimate (model creation, the probe fits) is counted again for that backbone's
+unfrozen run, which repeats it; the epochs themselves are estimated from the speeds. The plan is
+printed first and kept in ``runs/<exp>/budget.json`` with the time spent, so a killed run resumes
+with the same command and the same plan (the time a killed step had spent is not counted).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pipeline.config.paths import Paths
 from pipeline.config.schema import BackboneConfig, Config
 from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError
+from pipeline.data.images import PATH
 from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.stages.ensemble import run_ensemble
 from pipeline.stages.folds import run_folds
@@ -36,7 +39,6 @@ from pipeline.training.budget import RunCosts, Speeds, epochs_that_fit, measure_
 
 RESERVE_S, RESERVE_SHARE = 15.0, 0.03  # kept back for the ensembles and the leaderboard
 MEASURE_BATCH, MEASURE_STEPS = 8, 1  # a few seconds per backbone on a CPU, out of the budget
-CALIBRATION = (1.0, 3.0)  # how far a frozen-only run's real/estimated time may correct the estimates
 
 
 def run_all(cfg: Config, budget_min: float | None = None, force: bool = False) -> Path:
@@ -121,8 +123,10 @@ class BudgetedRun:
         for entry in cfg.backbones:
             vcfg, bcfg = cfg.variant(entry)
             saved = self.model(entry).get("speeds")
+            files = None if vcfg.train.cache_images else [p for p in table[PATH] if isinstance(p, str)] or None
             speeds = Speeds(**saved) if saved else measure_speeds(vcfg, bcfg, spec, spec.encode(table),
-                                                                  steps=MEASURE_STEPS, batch=MEASURE_BATCH)
+                                                                  steps=MEASURE_STEPS, batch=MEASURE_BATCH,
+                                                                  image_paths=files)
             self.model(entry)["speeds"] = dataclasses.asdict(speeds)
             costs[entry.slug] = run_costs(speeds, len(table), len(test), cfg.folds.n_splits, len(vcfg.augment.tta))
         self.save()
@@ -180,11 +184,11 @@ class BudgetedRun:
         if t.unfreeze == "never" or t.unfrozen.epochs == 0 or step.get("unfrozen_done"):
             return
         if "epochs" not in step:  # planned once: a resumed run trains the same epochs
-            factor = min(max(step["frozen_s"] / max(costs.frozen_s, 1e-9), CALIBRATION[0]), CALIBRATION[1])
-            scaled = dataclasses.replace(costs, epoch_s=costs.epoch_s * factor, predict_s=costs.predict_s * factor)
+            fixed = max(step["frozen_s"] - costs.frozen_s, 0.0)  # model creation, probe fits: repeated when unfrozen
             lrs = len(self.screened_lrs(entry))
-            step["epochs"] = epochs_that_fit(scaled, t.unfrozen.epochs, lrs, t.unfreeze == "auto", self.left())
-            step["estimate_s"] = scaled.unfreeze_s(step["epochs"], lrs, t.unfreeze == "auto") if step["epochs"] else 0
+            decides = t.unfreeze == "auto"
+            step["epochs"] = epochs_that_fit(costs, t.unfrozen.epochs, lrs, decides, self.left() - fixed)
+            step["estimate_s"] = fixed + costs.unfreeze_s(step["epochs"], lrs, decides) if step["epochs"] else 0
             self.save()
         if step["epochs"] == 0:
             print(f"{entry.slug}: stays frozen-only: not one unfrozen epoch of every fold fits the "

@@ -34,6 +34,56 @@ def test_the_most_epochs_that_fit_for_every_fold():
     assert epochs_that_fit(costs, 3, 1, False, seconds=49) == 0
 
 
+def test_loading_adds_to_the_model_on_a_cpu_and_hides_behind_it_with_gpu_workers():
+    cpu = Speeds(train_img_s=10.0, infer_img_s=100.0, load_img_s=50.0)
+    assert cpu.train_s() == pytest.approx(0.1 + 0.02) and cpu.infer_s() == pytest.approx(0.01 + 0.02)
+    gpu = Speeds(train_img_s=10.0, infer_img_s=100.0, load_img_s=50.0, overlap=4)
+    assert gpu.train_s() == pytest.approx(0.1) and gpu.infer_s() == pytest.approx(0.01)  # 4 workers load 200 images/s
+    assert Speeds(train_img_s=10.0, infer_img_s=100.0).train_s() == pytest.approx(0.1)  # loading not measured
+    costs = run_costs(cpu, n_train=500, n_test=100, n_folds=5, views=2)
+    assert costs.epoch_s == pytest.approx(400 * 0.12 + 100 * 0.03)
+
+
+def test_the_measured_speeds_include_reading_the_image_files(make_config, one_torch_thread):
+    from pipeline.data.images import PATH
+    from pipeline.data.tables import read_train_table, task_spec
+    from pipeline.training.budget import measure_speeds
+
+    cfg = make_config()
+    table = read_train_table(cfg)
+    spec = task_spec(cfg, table)
+    speeds = measure_speeds(cfg, cfg.backbones[0], spec, spec.encode(table), steps=1, batch=4,
+                            image_paths=table[PATH])
+    assert 0 < speeds.load_img_s < float("inf") and speeds.overlap == 0  # on the CPU it adds up
+    assert speeds.train_s() > 1 / speeds.train_img_s
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_frozen_runs_time_beyond_its_estimate_is_counted_again_for_the_unfrozen_run(make_config, monkeypatch):
+    """Model creation and the probe fits are in the frozen-only run's real time, not in its estimate,
+    and an unfrozen run repeats them: the epochs are planned in what is left after them."""
+    cfg = make_config("train.unfreeze=always", "train.unfrozen.epochs=3")
+    entry = cfg.backbones[0]
+    costs = RunCosts(frozen_s=100.0, epoch_s=30.0, predict_s=0.0, n_folds=5)  # 150 s per epoch of every fold
+
+    def raise_stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(workflows, "run_train", raise_stop)
+    planned = {}
+    for frozen_s in (100.0, 400.0):  # as estimated, and 300 s over
+        run = workflows.BudgetedRun(cfg, minutes=10)  # about 580 s left after the reserve
+        run.state["models"] = {entry.slug: {"frozen_s": frozen_s, "frozen_cv": 0.5, "greater_is_better": True}}
+        with pytest.raises(_Stop):
+            run.unfreeze_pass(entry, costs, force=False)
+        planned[frozen_s] = run.model(entry)
+    assert planned[100.0]["epochs"] == 3 and planned[100.0]["estimate_s"] == pytest.approx(450)
+    assert planned[400.0]["epochs"] == 1 and planned[400.0]["estimate_s"] == pytest.approx(300 + 150)
+
+
 def _speeds(train_img_s: float):
     return lambda cfg, bcfg, spec, targets, **how: Speeds(train_img_s=train_img_s, infer_img_s=1000.0)
 

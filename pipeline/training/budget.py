@@ -21,13 +21,27 @@ from pipeline.config.schema import BackboneConfig, Config, PhaseConfig
 from pipeline.core import artifacts
 from pipeline.domain.tasks import TaskSpec
 from pipeline.engine.backbones import create_backbone, data_config
-from pipeline.engine.fit import Runtime, Stepper, build_optimizer, build_scheduler, make_loss
+from pipeline.engine.fit import Runtime, Stepper, build_optimizer, build_scheduler, default_workers, make_loss
 
 
 @dataclass(frozen=True)
 class Speeds:
     train_img_s: float  # forward + backward + optimizer step, unfrozen
     infer_img_s: float  # forward only
+    load_img_s: float = float("inf")  # image files read, decoded and transformed (inf: not measured)
+    overlap: int = 0  # loader workers that hide the loading behind the model (on a GPU); 0: it adds up
+
+    def train_s(self) -> float:
+        """Seconds per image of a training pass, loading included."""
+        return self._with_loading(1 / self.train_img_s)
+
+    def infer_s(self) -> float:
+        """Seconds per image of an inference pass, loading included."""
+        return self._with_loading(1 / self.infer_img_s)
+
+    def _with_loading(self, compute_s: float) -> float:
+        load_s = 1 / self.load_img_s
+        return max(compute_s, load_s / self.overlap) if self.overlap else compute_s + load_s
 
 
 @dataclass(frozen=True)
@@ -46,10 +60,11 @@ class Plan:
 
 
 def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: np.ndarray, steps: int = 3,
-                   batch: int | None = None) -> Speeds:
+                   batch: int | None = None, image_paths=None) -> Speeds:
     """Images/s of the backbone's training step and forward pass on random uint8 images with real
     encoded ``targets`` (the first step of each is a warm-up and is not timed), at the configured
-    batch or a smaller ``batch`` (a quicker, on a GPU more pessimistic, measurement)."""
+    batch or a smaller ``batch`` (a quicker, on a GPU more pessimistic, measurement); with
+    ``image_paths``, also of reading a few of those files through the train transform."""
     model = create_backbone(bcfg, spec.num_outputs, Paths(cfg).exp_dir)
     dc = data_config(model, bcfg)
     rt = Runtime.create(cfg.train, dc["mean"], dc["std"])
@@ -75,7 +90,32 @@ def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
         with rt.autocast():
             model(rt.images(x))
 
-    return Speeds(batch / _seconds_per_call(train_step, steps, rt), batch / _seconds_per_call(infer_step, steps, rt))
+    train_img_s = batch / _seconds_per_call(train_step, steps, rt)
+    infer_img_s = batch / _seconds_per_call(infer_step, steps, rt)
+    if image_paths is None:
+        return Speeds(train_img_s, infer_img_s)
+    workers = default_workers(rt, cfg.train.num_workers)
+    return Speeds(train_img_s, infer_img_s, load_img_s=_load_speed(cfg, dc, image_paths),
+                  overlap=workers if rt.cuda else 0)
+
+
+LOAD_IMAGES = 12  # files read to time the loading (after one untimed)
+
+
+def _load_speed(cfg: Config, dc: dict, image_paths) -> float:
+    """Images/s of reading, decoding and transforming image files as a train loader does."""
+    from pipeline.data.datasets import ImageDataset
+    from pipeline.domain.transforms import train_transform
+
+    paths = list(image_paths)[:LOAD_IMAGES + 1]
+    aug = cfg.augment
+    dataset = ImageDataset(np.asarray(paths), None, train_transform(aug.train, dc["size"], dc["interpolation"],
+                                                                   aug.resize), decode=(dc["size"], aug.resize))
+    dataset[0]
+    start = time.perf_counter()
+    for i in range(1, len(paths)):
+        dataset[i]
+    return max(len(paths) - 1, 1) / max(time.perf_counter() - start, 1e-9)
 
 
 def _seconds_per_call(fn, calls: int, rt: Runtime) -> float:
@@ -99,13 +139,13 @@ def plan_epochs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: 
     the TTA predictions of the validation and test rows. Folds split over ``jobs`` processes.
     The frozen-only path predicts from cached features: one pass per image and view, all folds."""
     valid = n_train / n_folds
-    features = n_train / speeds.infer_img_s
+    features = n_train * speeds.infer_s()
 
     def seconds(epochs: int) -> float:
         if epochs == 0:
-            return features + (n_train * (views - 1) + n_test * views) / speeds.infer_img_s
-        per_epoch = (n_train - valid) / speeds.train_img_s + valid / speeds.infer_img_s
-        per_fold = epochs * per_epoch + (valid + n_test) * views / speeds.infer_img_s
+            return features + (n_train * (views - 1) + n_test * views) * speeds.infer_s()
+        per_epoch = (n_train - valid) * speeds.train_s() + valid * speeds.infer_s()
+        per_fold = epochs * per_epoch + (valid + n_test) * views * speeds.infer_s()
         return features + per_fold * -(-n_folds // jobs)
 
     epochs = max([e for e in range(max_epochs + 1) if seconds(e) <= budget_s], default=0)
@@ -165,9 +205,9 @@ class RunCosts:
 
 def run_costs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: int) -> RunCosts:
     valid = n_train / n_folds
-    frozen = (n_train * views + n_test * views) / speeds.infer_img_s
-    epoch = (n_train - valid) / speeds.train_img_s + valid / speeds.infer_img_s
-    return RunCosts(frozen, epoch, (valid + n_test) * views / speeds.infer_img_s, n_folds)
+    frozen = (n_train * views + n_test * views) * speeds.infer_s()
+    epoch = (n_train - valid) * speeds.train_s() + valid * speeds.infer_s()
+    return RunCosts(frozen, epoch, (valid + n_test) * views * speeds.infer_s(), n_folds)
 
 
 def epochs_that_fit(costs: RunCosts, max_epochs: int, screened_lrs: int, decides: bool, seconds: float) -> int:
