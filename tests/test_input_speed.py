@@ -161,6 +161,43 @@ def test_stacked_tta_views_give_the_per_view_logits():
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("size, expected", [(160, 16), (192, 16), (224, 8), (260, 8), (48, 64), (8, 64)])
+def test_a_cpu_predicts_in_passes_of_a_power_of_two_sized_to_the_image(size, expected):
+    rt = Runtime(torch.device("cpu"), torch.zeros(1), torch.ones(1))
+    x = torch.zeros(64, 3, size, size)
+    assert [len(p) for p in rt.passes(x)] == [expected] * (64 // expected)
+    assert [len(p) for p in rt.passes(x, max_images=4)] == [4] * 16  # the caller's limit still holds
+    gpu = Runtime(torch.device("cuda"), torch.zeros(1), torch.ones(1))  # only its device type is read
+    assert [len(p) for p in gpu.passes(x)] == [64] and [len(p) for p in gpu.passes(x, 48)] == [48, 16]
+
+
+def test_channels_last_is_used_on_a_cpu_too():
+    from pipeline.config.schema import TrainConfig
+
+    rt = Runtime.create(TrainConfig(device="cpu"), [0.5] * 3, [0.25] * 3)
+    assert rt.channels_last and rt.images(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).is_contiguous(
+        memory_format=torch.channels_last)
+    off = Runtime.create(TrainConfig(device="cpu", channels_last=False), [0.5] * 3, [0.25] * 3)
+    assert not off.channels_last and off.images(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).is_contiguous()
+
+
+def test_frozen_features_are_the_same_in_cpu_passes_and_channels_last():
+    import timm
+
+    from pipeline.engine.backbones import pooled_features
+    from pipeline.engine.features import compute_features
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    batches = [(torch.randint(0, 256, (n, 3, 200, 200), dtype=torch.uint8), torch.zeros(n)) for n in (20, 7)]
+    rt = Runtime(torch.device("cpu"), torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25), channels_last=True)
+    assert [len(p) for p in rt.passes(torch.zeros(20, 3, 200, 200))] == [8, 8, 4]
+    with torch.no_grad():  # one contiguous pass per loader batch, as before
+        expected = torch.cat([pooled_features(model, fit.TTA_VIEWS["hflip"]((x.float() / 255 - 0.5) / 0.25))
+                              for x, _ in batches])
+    torch.testing.assert_close(compute_features(model, batches, rt, "hflip"), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_fold_keeps_one_evaluation_loader_and_predicts_as_before(make_config):
     trainer = _trainer(make_config(*FAST))
     rows = trainer.data.valid_idx

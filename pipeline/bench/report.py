@@ -36,7 +36,7 @@ from pipeline.config.schema import BackboneConfig, Config, dump_config
 from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
-SECTIONS = ("speed", "input", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu",
+SECTIONS = ("speed", "input", "cpu", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu",
             "ray", "labels", "presets")
 
 
@@ -72,6 +72,8 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                "lpft": ("LP-FT: linear probe before fine-tuning", bench_quality.bench_lpft),
                "finetune": ("Fine-tuning against the frozen head, and which weights to keep",
                             bench_quality.bench_finetune),
+               "cpu": ("A CPU's layout and passes: channels_last and small inference passes against before",
+                       bench_photos.cpu_layout),
                "frozen": ("A stronger frozen path: the probe on several views of each image",
                           lambda c: bench_photos.run_recipes(c, "frozen")),
                "features": ("A feature ensemble: one probe over several backbones' frozen features",

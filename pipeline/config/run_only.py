@@ -50,7 +50,7 @@ RUN_ONLY_KEYS = (
     "train.cache_images",  # the same decoded, resized pixels, from one memory-mapped file instead of image files
     "train.cache_features",  # the frozen head on the same pooled features, cached or recomputed every batch
     "train.compile",  # torch.compile of the same model, eager where it fails
-    "train.channels_last",  # a memory layout of the same tensors, CUDA only
+    "train.channels_last",  # a memory layout of the same tensors
     "train.deterministic",  # deterministic kernels of the same computation: repeatable and slower
     # -- logging
     "tracking.backend",  # which tracker is told what happened; it never changes what happens

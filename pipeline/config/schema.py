@@ -178,7 +178,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA only
     amp_dtype: str = "auto"  # auto (bf16 on compute capability 8.0+, else fp16) | bf16 | fp16
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory layout: faster convolutions on CUDA and on CPUs
     compile: bool = False  # torch.compile the training forward and prediction (falls back to eager)
     num_workers: Optional[int] = None  # null: sized to the machine
     cache_images: bool = False  # decoded, resized images in memory

@@ -29,7 +29,8 @@ def compute_features(model: nn.Module, loader, runtime: Runtime, view: str = "id
     chunks, transform = [], TTA_VIEWS[view]
     for x, _ in loader:
         with runtime.autocast():
-            chunks.append(pooled_features(model, transform(runtime.images(x))).float())
+            chunks += [pooled_features(model, part).float()
+                       for part in runtime.passes(runtime.layout(transform(runtime.images(x))))]
     return torch.cat(chunks)
 
 

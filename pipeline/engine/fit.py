@@ -35,6 +35,9 @@ class NonFiniteLoss(PipelineError):
 # ---------------------------------------------------------------------------- runtime
 
 
+CPU_PASS_PIXELS = 16 * 192 * 192  # a CPU's inference passes: 16 images at 160-192 px, 8 at 224-260 px
+
+
 @dataclass
 class Runtime:
     """Where and in which precision tensors live; normalises uint8 batches on the device."""
@@ -57,13 +60,12 @@ class Runtime:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise PipelineError(f"train.device is '{name}' but CUDA is not available; use train.device=cpu or auto")
         dev = torch.device(name)
-        cuda = dev.type == "cuda"
         set_cudnn(tcfg, dev)
         amp_dtype = choose_amp_dtype(tcfg, dev)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         shape = (1, 3, 1, 1)
         return cls(dev, torch.tensor(mean, device=dev).view(shape), torch.tensor(std, device=dev).view(shape),
-                   amp_dtype, cuda and tcfg.channels_last, scaler, tcfg.compile)
+                   amp_dtype, tcfg.channels_last, scaler, tcfg.compile)
 
     @property
     def cuda(self) -> bool:
@@ -75,8 +77,23 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
-        x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+        return self.layout(normalize(x.to(self.device, non_blocking=True), self.mean, self.std))
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout the model runs in (``train.channels_last``)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def passes(self, x: torch.Tensor, max_images: int | None = None) -> tuple[torch.Tensor, ...]:
+        """``x`` split into the forward passes of an inference: at most ``max_images`` images (None:
+        all of them); on a CPU also at most the power of two of images that holds about
+        ``CPU_PASS_PIXELS`` pixels, since there large passes run slower per image (BENCHMARKS.md,
+        CPU passes). Powers of two keep the passes of different loader batches aligned, so the
+        same image meets the same kernels in training's predictions and in ``predict``."""
+        limit = max_images or len(x)
+        if not self.cuda:
+            fit = max(CPU_PASS_PIXELS // (x.shape[-1] * x.shape[-2]), 1)
+            limit = min(limit, 1 << (fit.bit_length() - 1))
+        return x.split(max(limit, 1))
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
@@ -446,10 +463,9 @@ def predict_logits(model: nn.Module, loader, runtime: Runtime, views=("identity"
     for x, _ in loader:
         x = runtime.images(x)
         stacked = torch.cat([fn(x) for fn in fns]) if len(fns) > 1 else x
-        if runtime.channels_last:
-            stacked = stacked.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
-            logits = torch.cat([net(part).float() for part in stacked.split(max_images or len(stacked))]).cpu()
+            logits = torch.cat([net(part).float() for part in runtime.passes(runtime.layout(stacked),
+                                                                             max_images)]).cpu()
         for k, part in enumerate(logits.split(len(x))):
             out[k].append(part)
     return [torch.cat(o) for o in out]

@@ -23,8 +23,8 @@ class FoldPredictor:
     def logits(self, model: nn.Module, rows: np.ndarray, test: bool = False, views=("identity",)) -> list[torch.Tensor]:
         """Logits per view for ``rows`` (sharded over DDP ranks and gathered back in order). On a GPU
         every view of a batch goes in one forward pass of up to twice the evaluation batch; on a
-        CPU passes of the training batch are faster (BENCHMARKS.md, input: 128-image passes ran at
-        0.73x a bare forward, 32-image ones at about 1x)."""
+        CPU in passes of at most the training batch, which ``Runtime.passes`` splits further to
+        the size a CPU runs fastest (BENCHMARKS.md, cpu)."""
         max_images = 2 * self.data.eval_batch_size if self.rt.cuda else self.data.batch_size
         logits = predict_logits(model, self.data.eval_loader(rows, test), self.rt, views, max_images=max_images)
         return [distributed.gather_rows(v) for v in logits]
