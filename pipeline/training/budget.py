@@ -22,6 +22,7 @@ from pipeline.core import artifacts
 from pipeline.domain.tasks import TaskSpec
 from pipeline.engine.backbones import create_backbone, data_config
 from pipeline.engine.fit import Runtime, Stepper, build_optimizer, build_scheduler, default_workers, make_loss
+from pipeline.training.phases import train_mode
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
     loss_fn = make_loss(spec, cfg.train)
 
     def train_step():
-        model.train()
+        train_mode(model, cfg.train)  # as the unfrozen phase trains (frozen BatchNorm statistics are faster)
         with rt.autocast():
             loss = loss_fn(model(rt.images(x)), y.to(rt.device))
         stepper.backward(loss, last=True)
