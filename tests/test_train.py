@@ -267,7 +267,8 @@ def test_adapt_bn_sets_the_first_batchnorm_to_the_data_statistics(make_config):
         stems = [model.conv_stem(trainer.rt.images(x)) for x, _ in loader]
     bn = model.bn1
     torch.testing.assert_close(bn.running_mean, torch.stack([s.mean(dim=(0, 2, 3)) for s in stems]).mean(0))
-    torch.testing.assert_close(bn.running_var, torch.stack([s.var(dim=(0, 2, 3)) for s in stems]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([s.var(dim=(0, 2, 3)) for s in stems]).mean(0),
+                               rtol=1e-5, atol=1e-4)  # float rounding: channels_last kernels on the CPU too
     assert bn.momentum == 0.1  # restored after the cumulative pass
     again = FoldTrainer(_job(cfg, fold=1))  # one pass per backbone: the next fold reuses the statistics
     torch.testing.assert_close(again.model.bn1.running_mean, bn.running_mean)
