@@ -183,7 +183,10 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_runs_aga
     while not running and time.monotonic() < deadline:
         time.sleep(0.3)
         try:
-            running = study(server, "killed").get_trials(states=(TrialState.RUNNING,))
+            # a trial is RUNNING in the database before its parameters are suggested and its
+            # user attributes set: wait until the stuck worker is inside train_fold
+            running = [t for t in study(server, "killed").get_trials(states=(TrialState.RUNNING,))
+                       if t.params and "host" in t.user_attrs]
         except KeyError:  # no study yet
             pass
     assert running, "the stuck worker never started a trial"
