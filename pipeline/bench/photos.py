@@ -35,7 +35,13 @@ RECIPES = {
     "frozen": {"probe": {"train.unfreeze": "never", "train.probe_views": ["identity"]},
                "probe + hflip views": {"train.unfreeze": "never", "train.probe_views": ["identity", "hflip"]}},
     "unfreeze": {"auto": {"train.unfreeze": "auto"}, "always": {"train.unfreeze": "always"}},
+    "pairs": {"never": {"train.unfreeze": "never"}, "auto": {"train.unfreeze": "auto"},
+              "always": {"train.unfreeze": "always"}},
 }
+# two-class sets cut from the scene photos: the pair the frozen probe never confuses (fine-tuning
+# has nothing to gain: the kind of set where `auto` should stay frozen-only) and the pair it
+# confuses most (lite0 at 160 px, 5-fold OOF: 0 of 200 rows against 33 of 200)
+PAIRS = {"easy": ("forest", "sea"), "hard": ("glacier", "mountain")}
 SEEDS: dict = {}  # recipes measured on fewer seeds (their cost), by (section, recipe)
 
 
@@ -76,19 +82,26 @@ def _train_and_score(vcfg: Config) -> tuple[dict, dict]:
     return cv, {"cv": cv["cv_mean"], "test": hidden_test_score(vcfg, model), "seconds": seconds}
 
 
-def run_recipes(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
-    """Markdown: per recipe and seed, CV, hidden test and the train stage's wall time; then the
-    means per recipe."""
+def recipe_runs(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44), data: dict | None = None,
+                tag: str = "") -> pd.DataFrame:
+    """Per recipe and seed: CV, hidden test, the train stage's wall time and ``auto``'s decision.
+    ``data``: ``data.*`` overrides (another data set); ``tag`` names its runs folders."""
     rows = []
     for name, overrides in RECIPES[section].items():
         for seed in SEEDS.get((section, name), seeds):
-            root = Path(cfg.runs_dir) / "bench" / f"{section}-{name.replace(' ', '_').replace('+', '')}-s{seed}"
-            cv, scores = _train_and_score(_variant(cfg, overrides, seed, root))
+            folder = f"{section}{tag}-{name.replace(' ', '_').replace('+', '')}-s{seed}"
+            cv, scores = _train_and_score(_variant(cfg, {**(data or {}), **overrides}, seed,
+                                                   Path(cfg.runs_dir) / "bench" / folder))
             rows.append({"recipe": name, "seed": seed, **scores,
                          "decision": (cv.get("unfreeze") or {}).get("summary", "")})
             print(rows[-1], flush=True)
-    frame = pd.DataFrame(rows)
-    lines = ["| recipe | seed | CV | hidden test | test - CV | train stage s | decision |", "|---|---|---|---|---|---|---|"]
+    return pd.DataFrame(rows)
+
+
+def recipe_table(cfg: Config, frame: pd.DataFrame) -> str:
+    """Markdown: ``recipe_runs``' rows, then the means per recipe."""
+    lines = ["| recipe | seed | CV | hidden test | test - CV | train stage s | decision |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.recipe} | {r.seed} | {r.cv:.4f} | {r.test:.4f} | {r.test - r.cv:+.4f} | {r.seconds:.0f} | "
               f"{r.decision} |" for r in frame.itertuples()]
     means = frame.groupby("recipe", sort=False)[["cv", "test", "seconds"]].mean()
@@ -96,9 +109,54 @@ def run_recipes(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44)
     lines += [f"| {name} | {m.cv:.4f} | {m.test:.4f} | {m.seconds:.0f} |" for name, m in means.iterrows()]
     b = cfg.backbones[0]
     lines += ["", f"{b.name} ({b.weights}) at {b.image_size} px, {cfg.folds.n_splits} folds, TTA "
-              f"{', '.join(cfg.augment.tta)}; seeds {', '.join(map(str, seeds))} (train.seed); every run in "
-              f"its own runs folder."]
+              f"{', '.join(cfg.augment.tta)}; seeds {', '.join(map(str, sorted(frame.seed.unique())))} (train.seed); "
+              f"every run in its own runs folder."]
     return "\n".join(lines)
+
+
+def run_recipes(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
+    """Markdown: per recipe and seed, CV, hidden test and the train stage's wall time; then the
+    means per recipe."""
+    return recipe_table(cfg, recipe_runs(cfg, section, seeds))
+
+
+def _class_subset(cfg: Config, classes: tuple[str, ...], folder: Path) -> dict:
+    """The rows of ``classes`` only, train and hidden test: their train.csv, sample_submission.csv
+    and solution.csv in ``folder`` (the images stay where they are). Returns the ``data.*``
+    overrides that read them."""
+    from pipeline.data.tables import read_csv
+
+    paths, d = Paths(cfg), cfg.data
+    target = d.target_columns[0]
+    train = read_csv(paths.train_csv, "train table")
+    solution = read_csv(paths.sample_submission.parent / "solution.csv", "solution file")
+    sample = read_csv(paths.sample_submission, "sample submission")
+    solution = solution[solution[target].isin(classes)]
+    artifacts.write_csv(folder / "train.csv", train[train[target].isin(classes)])
+    artifacts.write_csv(folder / "solution.csv", solution)
+    artifacts.write_csv(folder / "sample_submission.csv", sample[sample[d.id_column].isin(solution[d.id_column])])
+    return {"data.root": str(folder), "data.train_csv": "train.csv", "data.train_dir": str(paths.train_dir.resolve()),
+            "data.test_dir": str(paths.test_dir.resolve()), "data.sample_submission": "sample_submission.csv"}
+
+
+def unfreeze_pairs(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
+    """Markdown: never, auto and always on two-class sets cut from the photos (``PAIRS``), per seed,
+    then what ``auto`` saved against ``always`` and what it scored against it."""
+    parts = []
+    for tag, classes in PAIRS.items():
+        data = _class_subset(cfg, classes, Path(cfg.runs_dir) / "bench" / f"pairs-{tag}-data")
+        frame = recipe_runs(cfg, "pairs", seeds, data, f"-{tag}")
+        means = frame.groupby("recipe")[["test", "seconds"]].mean()
+        n_train = len(pd.read_csv(Path(data["data.root"]) / "train.csv"))
+        unfroze = sum("unfreeze at" in d for d in frame[frame.recipe == "auto"].decision)
+        parts.append(f"**The {tag} pair: {classes[0]} against {classes[1]}** ({n_train} train rows, "
+                     f"{len(pd.read_csv(Path(data['data.root']) / 'solution.csv'))} hidden test rows)\n\n"
+                     f"{recipe_table(cfg, frame)}\n\n"
+                     f"`auto` unfroze in {unfroze} of {len(seeds)} seeds; against `always`: mean train stage "
+                     f"{means.seconds['auto']:.0f} s against {means.seconds['always']:.0f} s "
+                     f"({means.seconds['auto'] / means.seconds['always']:.2f}x), mean hidden test "
+                     f"{means.test['auto'] - means.test['always']:+.4f}.")
+    return "\n\n".join(parts)
 
 
 def cpu_layout(cfg: Config) -> str:

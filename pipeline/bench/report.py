@@ -36,8 +36,8 @@ from pipeline.config.schema import BackboneConfig, Config, dump_config
 from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
-SECTIONS = ("speed", "input", "cpu", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze", "gpu",
-            "ray", "labels", "presets")
+SECTIONS = ("speed", "input", "cpu", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze",
+            "pairs", "gpu", "ray", "labels", "presets")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -80,6 +80,8 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                             bench_photos.feature_ensemble),
                "unfreeze": ("Unfreeze only where it pays: never, always, auto (fold 0 decides)",
                             lambda c: bench_photos.run_recipes(c, "unfreeze")),
+               "pairs": ("Unfreeze only where it pays, on two-class sets cut from the photos: an easy pair and a "
+                         "hard one", bench_photos.unfreeze_pairs),
                "ray": ("Folds as Ray tasks: a local 2-node cluster against one process", bench_ray),
                "labels": ("Likely label errors: 5% flipped labels, found by `label-issues` and excluded",
                           bench_photos.label_noise),
