@@ -46,5 +46,6 @@ def test_the_pairs_section_trains_never_auto_always_and_compares_auto_with_alway
     auto = next(r for r in rows if r.startswith("| auto"))
     assert "unfreeze at" in auto or "frozen-only" in auto  # the decision with its evidence
     assert "`auto` unfroze in " in md and "against `always`: mean train stage" in md
-    for recipe in ("never", "auto", "always"):
-        assert (tmp_path / "runs" / "bench" / f"pairs-easy-{recipe}-s42" / "subs").parent.exists()
+    for recipe in ("never", "auto", "always"):  # each recipe trained in its own runs folder
+        cv = list((tmp_path / "runs" / "bench" / f"pairs-easy-{recipe}-s42" / "runs").rglob("cv.json"))
+        assert len(cv) == 1, recipe
