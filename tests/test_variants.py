@@ -214,3 +214,34 @@ def test_fp16_bundle_halves_the_weights(trained, tmp_path):
     size = lambda root: sum(f.stat().st_size for f in root.rglob("best.safetensors"))  # noqa: E731
     assert 0.45 < size(half) / size(full) < 0.55
     assert [p.name for p in (half / "runs" / cfg.name).iterdir()] == ["large"]  # only the models the choice uses
+
+
+@pytest.mark.parametrize("unfreeze", ["never", "auto"])
+def test_a_resolved_unfreeze_predicts_and_bundles(digits_root, tmp_path, unfreeze, one_torch_thread):
+    """``never`` and a decided ``auto`` train folds whose own config says ``always`` (with 0 unfrozen
+    epochs when frozen-only): predicting from them and bundling them compare the checkpoint with
+    the config as the train stage resolved it, in the project and inside the bundle."""
+    from pipeline.stages.bundle import predict_from_bundle, run_bundle
+
+    raw = shrunk_raw_config(digits_root, tmp_path)
+    raw["train"]["unfreeze"] = unfreeze
+    raw["ensemble"]["methods"] = ["mean"]
+    cfg = config_from_dict(raw)
+    run_folds(cfg)
+    run_train(cfg)
+    run_ensemble(cfg)
+    paths = Paths(cfg)
+    assert load_config(paths.fold_dir("test_efficientnet", 1) / "config.yaml").train.unfreeze == "always"
+    expected = run_predict(cfg, method="mean", out=str(tmp_path / "expected.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(expected), pd.read_csv(paths.submission("mean")))
+    bundle = run_bundle(cfg, method="mean", out=str(tmp_path / "bundle"))
+    assert (bundle / "runs" / cfg.name / "test_efficientnet" / "unfreeze.json").exists() == (unfreeze == "auto")
+    out = tmp_path / "from_bundle.csv"
+    assert predict_from_bundle(bundle, str(paths.test_dir), str(paths.sample_submission), str(out), "mean") == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(expected))
+    # a changed rule is not the decision the folds were trained under: refused, with the difference
+    changed = copy.deepcopy(raw)
+    changed["train"]["unfreeze_alpha"] = 0.2
+    if unfreeze == "auto":
+        with pytest.raises(PipelineError, match="train.unfreeze: checkpoint 'always', config 'auto'"):
+            run_predict(config_from_dict(changed), method="mean", out=str(tmp_path / "x.csv"))

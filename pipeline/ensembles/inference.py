@@ -89,7 +89,10 @@ class FoldCheckpoint:
             raise PipelineError(f"{fold_dir / 'kept.json'} was written by an older version without the task spec; "
                                 f"retrain: make train-folds ARGS=--force")
         saved = load_config(fold_dir / "config.yaml")
+        from pipeline.training.unfreeze import as_trained
+
         vcfg, bcfg = cfg.variant(entry)
+        vcfg = as_trained(vcfg, bcfg)  # train.unfreeze never / auto: the settings the folds resolved to
         lr_source = paths.backbone_dir(entry.slug) / "lr_source.json"
         tuned = lr_source.exists() and "tuned" in artifacts.read_json(lr_source)
         diffs = checkpoint_differences(prediction_settings(saved, saved.backbones[0]),

@@ -145,9 +145,9 @@ def run_bundle(cfg: Config, method: str | None = None, fp16: bool = False, out: 
             _copy_weights(src / "best.safetensors", target / "best.safetensors", fp16)
             for name in FOLD_FILES[1:]:
                 shutil.copy2(src / name, target / name)
-        lr_source = paths.backbone_dir(v.slug) / "lr_source.json"
-        if lr_source.exists():
-            shutil.copy2(lr_source, runs / v.slug / "lr_source.json")
+        for name in ("lr_source.json", "unfreeze.json"):  # the tuned LRs; train.unfreeze auto's decision
+            if (paths.backbone_dir(v.slug) / name).exists():
+                shutil.copy2(paths.backbone_dir(v.slug) / name, runs / v.slug / name)
     ensemble = cfg.ensemble
     if method in cfg.ensemble.methods:
         (runs / "ensemble" / method).mkdir(parents=True)

@@ -88,6 +88,23 @@ def resolve_unfreeze(cfg: Config, bcfg: BackboneConfig, spec, table, store: Feat
     return _with(cfg, epochs=0), decision
 
 
+def as_trained(cfg: Config, bcfg: BackboneConfig) -> Config:
+    """The config the backbone's folds were trained with, without deciding anything: ``never`` and a
+    decided ``auto`` (its ``unfreeze.json`` under the same rule) resolved as the train stage resolves
+    them, anything else as it is. What a checkpoint's own config is compared with before it predicts."""
+    t = cfg.train
+    if t.unfreeze == "never" or (t.unfreeze == "auto" and t.unfrozen.epochs == 0):
+        return _with(cfg, epochs=0)
+    path = Paths(cfg).backbone_dir(bcfg.slug) / "unfreeze.json"
+    if t.unfreeze != "auto" or not path.exists():
+        return cfg
+    saved = artifacts.read_json(path)
+    if saved.get("rule") != {"alpha": t.unfreeze_alpha, "lrs": list(t.unfreeze_lrs)}:
+        return cfg
+    decision = saved["decision"]
+    return _with(cfg, lr=decision["lr"]) if decision["unfreeze"] else _with(cfg, epochs=0)
+
+
 def _with(cfg: Config, epochs: int | None = None, lr: float | None = None) -> Config:
     """The resolved config: ``unfreeze`` becomes ``always`` (the decision is in the epochs and LR) and
     the decision's own keys go back to their defaults, so fold processes do not decide again, the
