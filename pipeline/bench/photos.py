@@ -37,6 +37,9 @@ RECIPES = {
     "unfreeze": {"auto": {"train.unfreeze": "auto"}, "always": {"train.unfreeze": "always"}},
     "pairs": {"never": {"train.unfreeze": "never"}, "auto": {"train.unfreeze": "auto"},
               "always": {"train.unfreeze": "always"}},
+    # auto with the configured unfrozen LR alone, against auto screening a short list first
+    "lrs": {"configured LR": {"train.unfreeze": "auto", "train.unfreeze_lrs": []},
+            "screened LRs": {"train.unfreeze": "auto", "train.unfreeze_lrs": [1e-4, 3e-4, 1e-3]}},
 }
 # two-class sets cut from the scene photos: the pair the frozen probe never confuses (fine-tuning
 # has nothing to gain: the kind of set where `auto` should stay frozen-only) and the pair it

@@ -37,7 +37,7 @@ from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
 SECTIONS = ("speed", "input", "cpu", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze",
-            "pairs", "gpu", "ray", "labels", "presets")
+            "pairs", "lrs", "gpu", "ray", "labels", "presets")
 
 
 def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
@@ -82,6 +82,8 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                             lambda c: bench_photos.run_recipes(c, "unfreeze")),
                "pairs": ("Unfreeze only where it pays, on two-class sets cut from the photos: an easy pair and a "
                          "hard one", bench_photos.unfreeze_pairs),
+               "lrs": ("The unfrozen LR: auto at the configured LR against auto screening 1e-4, 3e-4, 1e-3 first",
+                       lambda c: bench_photos.run_recipes(c, "lrs", seeds=(42,))),
                "ray": ("Folds as Ray tasks: a local 2-node cluster against one process", bench_ray),
                "labels": ("Likely label errors: 5% flipped labels, found by `label-issues` and excluded",
                           bench_photos.label_noise),
