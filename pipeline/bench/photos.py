@@ -138,8 +138,7 @@ def _class_subset(cfg: Config, classes: tuple[str, ...], folder: Path) -> dict:
     artifacts.write_csv(folder / "train.csv", train[train[target].isin(classes)])
     artifacts.write_csv(folder / "solution.csv", solution)
     artifacts.write_csv(folder / "sample_submission.csv", sample[sample[d.id_column].isin(solution[d.id_column])])
-    return {"data.root": str(folder), "data.train_csv": "train.csv", "data.train_dir": str(paths.train_dir.resolve()),
-            "data.test_dir": str(paths.test_dir.resolve()), "data.sample_submission": "sample_submission.csv"}
+    return _data_in(paths, folder, "sample_submission.csv")
 
 
 def unfreeze_pairs(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
@@ -291,10 +290,13 @@ def _flipped_copy(cfg: Config, folder: Path, share: float, seed: int) -> tuple[d
         given = table.iloc[row][d.target_columns[0]]
         table.iloc[row, table.columns.get_loc(d.target_columns[0])] = rng.choice([c for c in classes if c != given])
     artifacts.write_csv(folder / "train.csv", table)
-    data = {"data.root": str(folder), "data.train_csv": "train.csv", "data.train_dir": str(paths.train_dir.resolve()),
-            "data.test_dir": str(paths.test_dir.resolve()),
-            "data.sample_submission": str(paths.sample_submission.resolve())}
-    return data, table[d.id_column].iloc[rows].tolist()
+    return _data_in(paths, folder, str(paths.sample_submission.resolve())), table[d.id_column].iloc[rows].tolist()
+
+
+def _data_in(paths: Paths, folder: Path, sample: str) -> dict:
+    """``data.*`` overrides reading ``folder``'s train.csv, the original image folders and ``sample``."""
+    return {"data.root": str(folder), "data.train_csv": "train.csv", "data.train_dir": str(paths.train_dir.resolve()),
+            "data.test_dir": str(paths.test_dir.resolve()), "data.sample_submission": sample}
 
 
 def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int = 42) -> str:

@@ -65,15 +65,11 @@ def mcnemar_p(base_right: np.ndarray, new_right: np.ndarray) -> float | None:
 
 def resolve_unfreeze(cfg: Config, bcfg: BackboneConfig, spec, table, store: FeatureStore) -> tuple[Config, dict | None]:
     """The config the folds train with, and the decision record (None unless ``auto`` decided)."""
-    t = cfg.train
-    if t.unfreeze == "never" or (t.unfreeze == "auto" and t.unfrozen.epochs == 0):
-        return _with(cfg, epochs=0), None
-    if t.unfreeze == "always":
-        return cfg, None
-    path = Paths(cfg).backbone_dir(bcfg.slug) / "unfreeze.json"
-    digest = fold_digest(cfg, bcfg, FOLD)
+    if (fixed := _fixed(cfg)) is not None:
+        return fixed, None
+    path = _decision_path(cfg, bcfg)
+    digest, rule = fold_digest(cfg, bcfg, FOLD), _rule(cfg.train)
     saved = artifacts.read_json(path) if path.exists() else None
-    rule = {"alpha": t.unfreeze_alpha, "lrs": list(t.unfreeze_lrs)}
     if saved is not None and saved.get("digest") == digest and saved.get("rule") == rule:
         decision = saved["decision"]
         print(f"{bcfg.slug}: train.unfreeze auto: {decision['summary']} (decided before: {path})")
@@ -81,27 +77,41 @@ def resolve_unfreeze(cfg: Config, bcfg: BackboneConfig, spec, table, store: Feat
         decision = decide(cfg, bcfg, spec, table, store)
         artifacts.write_json(path, {"digest": digest, "rule": rule, "decision": decision})
         print(f"{bcfg.slug}: train.unfreeze auto: {decision['summary']} -> {path}")
+    resolved = _decided_config(cfg, decision)
     if decision["unfreeze"]:
-        resolved = _with(cfg, lr=decision["lr"])
         _Screen(cfg, bcfg, spec, table, store, decision["lr"]).adopt_as_fold(resolved)
-        return resolved, decision
-    return _with(cfg, epochs=0), decision
+    return resolved, decision
 
 
 def as_trained(cfg: Config, bcfg: BackboneConfig) -> Config:
     """The config the backbone's folds were trained with, without deciding anything: ``never`` and a
     decided ``auto`` (its ``unfreeze.json`` under the same rule) resolved as the train stage resolves
     them, anything else as it is. What a checkpoint's own config is compared with before it predicts."""
+    if (fixed := _fixed(cfg)) is not None:
+        return fixed
+    path = _decision_path(cfg, bcfg)
+    saved = artifacts.read_json(path) if path.exists() else {}
+    return _decided_config(cfg, saved["decision"]) if saved.get("rule") == _rule(cfg.train) else cfg
+
+
+def _fixed(cfg: Config) -> Config | None:
+    """The resolved config when nothing is to decide (``always``, ``never``, ``auto`` with 0 epochs)."""
     t = cfg.train
     if t.unfreeze == "never" or (t.unfreeze == "auto" and t.unfrozen.epochs == 0):
         return _with(cfg, epochs=0)
-    path = Paths(cfg).backbone_dir(bcfg.slug) / "unfreeze.json"
-    if t.unfreeze != "auto" or not path.exists():
-        return cfg
-    saved = artifacts.read_json(path)
-    if saved.get("rule") != {"alpha": t.unfreeze_alpha, "lrs": list(t.unfreeze_lrs)}:
-        return cfg
-    decision = saved["decision"]
+    return cfg if t.unfreeze == "always" else None
+
+
+def _decision_path(cfg: Config, bcfg: BackboneConfig):
+    return Paths(cfg).backbone_dir(bcfg.slug) / "unfreeze.json"
+
+
+def _rule(train) -> dict:
+    """The decision's own settings: a saved decision holds while they are unchanged."""
+    return {"alpha": train.unfreeze_alpha, "lrs": list(train.unfreeze_lrs)}
+
+
+def _decided_config(cfg: Config, decision: dict) -> Config:
     return _with(cfg, lr=decision["lr"]) if decision["unfreeze"] else _with(cfg, epochs=0)
 
 
