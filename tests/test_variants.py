@@ -8,7 +8,6 @@ averaged as ``res``); 3 folds of the digits, every ensemble method.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import subprocess
 import sys
