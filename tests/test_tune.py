@@ -338,3 +338,34 @@ def test_train_says_in_its_resolved_config_where_the_tuned_lrs_came_from(make_co
     assert text.splitlines()[0].startswith(f"# learning rates from {Paths(cfg).tuned_params('test_efficientnet')} "
                                            "(tuned; train.use_tuned: auto)")
     assert yaml.safe_load(text)["train"]["frozen"]["lr"] == pytest.approx(best["params"]["frozen_lr"])
+
+
+@pytest.mark.parametrize("error", ["SurplusTrial", "TrialFailed"])
+def test_a_trial_failed_on_purpose_is_logged_in_one_line_without_a_traceback(error):
+    """Optuna logs a failed trial with its traceback; for the stage's own reasons (another worker took
+    the last trial, a trial's crash already recorded) the filter run_tune installs keeps the line only."""
+    import io
+    import logging
+
+    import optuna
+
+    from pipeline.stages import tune as tune_stage
+
+    exc = getattr(tune_stage, error)
+
+    def objective(trial):
+        raise exc("not run: another worker took the last one")
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    optuna_logger, trial_logger = logging.getLogger("optuna"), logging.getLogger(tune_stage.OPTUNA_TRIAL_LOGGER)
+    optuna_logger.addHandler(handler)
+    trial_logger.addFilter(tune_stage._without_traceback)
+    try:
+        optuna.create_study().optimize(objective, n_trials=1, catch=(exc,))
+    finally:
+        trial_logger.removeFilter(tune_stage._without_traceback)
+        optuna_logger.removeHandler(handler)
+    logged = stream.getvalue()
+    assert "another worker took the last one" in logged and "Traceback" not in logged

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import math
 import os
 import socket
@@ -136,6 +137,17 @@ class TrialFailed(Exception):
 
 class SurplusTrial(Exception):
     """Another worker started the study's last trial first: this one is recorded as FAIL, unrun."""
+
+
+def _without_traceback(record) -> bool:
+    """A logging filter for Optuna's failed-trial warnings: a trial this stage failed on purpose
+    (``TrialFailed``, ``SurplusTrial``) is one line, its reason in the message, not a traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], (TrialFailed, SurplusTrial)):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"  # where Optuna logs a failed trial, with its exc_info
 
 
 def search_space(cfg: Config, budget: Budget) -> dict[str, tuple[float, float]]:
@@ -464,11 +476,13 @@ def run_tune(cfg: Config, backbone: str | None = None, workers: int = 1, force: 
     worker = int(os.environ.get(WORKER_ENV, "0"))
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger(OPTUNA_TRIAL_LOGGER).addFilter(_without_traceback)
     try:
         for entry in backbones:
             vcfg, bcfg = cfg.variant(entry)
             TuneRun(vcfg, bcfg, spec, table, metric, tune_budget(vcfg), worker).run(workers, force)
     finally:
+        logging.getLogger(OPTUNA_TRIAL_LOGGER).removeFilter(_without_traceback)
         optuna.logging.set_verbosity(verbosity)
     return paths.tune_dir(backbones[-1].slug)
 
