@@ -44,3 +44,25 @@ def test_the_image_cache_uses_the_policy(tmp_path):
 def test_an_unknown_policy_is_a_config_error(make_config):
     with pytest.raises(PipelineError, match="augment.resize"):
         make_config("augment.resize=stretch")
+
+
+def test_the_zoom_view_crops_the_centre_and_keeps_the_size():
+    """``zoom`` (a TTA and probe view): the central 80% of each side, resized back to the batch's size."""
+    import torch
+
+    from pipeline.domain.transforms import TTA_VIEWS
+
+    x = torch.zeros(2, 3, 40, 40)
+    x[..., 4:36, 4:36] = 1.0  # a black frame 4 px wide (10% of each side) around a white square
+    zoomed = TTA_VIEWS["zoom"](x)
+    assert zoomed.shape == x.shape
+    assert torch.allclose(zoomed, torch.ones_like(x))  # the frame is cropped away: all white
+    ramp = torch.linspace(0, 1, 50).expand(1, 1, 50, 50)  # left to right
+    out = TTA_VIEWS["zoom"](ramp)
+    assert out[..., 0].min() > 0.05 and out[..., -1].max() < 0.95  # the edges come from inside
+    assert torch.allclose(out[..., 25], ramp[..., 25], atol=0.02)  # the centre column stays
+
+
+def test_zoom_is_a_valid_tta_and_probe_view(make_config):
+    cfg = make_config("augment.tta=[identity,zoom]", "train.probe_views=[identity,zoom]")
+    assert cfg.augment.tta == ["identity", "zoom"] and cfg.train.probe_views == ["identity", "zoom"]

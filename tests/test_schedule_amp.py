@@ -7,7 +7,6 @@ CPU only: CUDA capabilities are mocked, ``torch.compile`` is replaced by fakes.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

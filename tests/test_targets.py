@@ -11,7 +11,6 @@ import pytest
 from conftest import ID_COLUMN, write_dataset
 
 from pipeline.config.paths import Paths
-from pipeline.config.schema import config_from_dict
 from pipeline.core.errors import PipelineError
 from pipeline.data.tables import read_train_table, task_spec
 from pipeline.domain.metrics import get_metric

@@ -4,7 +4,8 @@ cache shared between recipes, so each wall time includes its own feature passes)
 fold mean (CV) and on the hidden test labels (``solution.csv``).
 
 * **frozen**: the plain linear probe against the probe trained on the cached features of several
-  views of each train image (``train.probe_views``), all frozen-only (``train.unfreeze: never``);
+  views of each train image (``train.probe_views``: the mirror, the centre crop ``zoom``) and
+  against ``zoom`` among the TTA views, all frozen-only (``train.unfreeze: never``);
 * **unfreeze**: always / ``auto`` (fold 0 decides, with a paired test, whether and at which LR
   the remaining folds unfreeze); never is the frozen section's plain probe;
 * **presets**: each ``preset`` (``fast``, ``balanced``, ``best``) on the experiment's other settings,
@@ -33,7 +34,11 @@ from pipeline.stages.folds import run_folds
 
 RECIPES = {
     "frozen": {"probe": {"train.unfreeze": "never", "train.probe_views": ["identity"]},
-               "probe + hflip views": {"train.unfreeze": "never", "train.probe_views": ["identity", "hflip"]}},
+               "probe + hflip views": {"train.unfreeze": "never", "train.probe_views": ["identity", "hflip"]},
+               "probe + zoom views": {"train.unfreeze": "never", "train.probe_views": ["identity", "zoom"]},
+               "probe, TTA + zoom": {"train.unfreeze": "never", "augment.tta": ["identity", "hflip", "zoom"]},
+               "probe + zoom views, TTA + zoom": {"train.unfreeze": "never", "train.probe_views": ["identity", "zoom"],
+                                                  "augment.tta": ["identity", "hflip", "zoom"]}},
     "unfreeze": {"auto": {"train.unfreeze": "auto"}, "always": {"train.unfreeze": "always"}},
     "pairs": {"never": {"train.unfreeze": "never"}, "auto": {"train.unfreeze": "auto"},
               "always": {"train.unfreeze": "always"}},

@@ -15,6 +15,19 @@ INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "near
                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
 
 
+ZOOM = 0.8  # the ``zoom`` view: the central 80% of each side, resized back to the full size
+
+
+def _zoom(x: torch.Tensor) -> torch.Tensor:
+    """The central ``ZOOM`` share of each side of an NCHW batch, resized back (bilinear): a crop view,
+    closer in, as the train augmentation's random crops show the model."""
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * ZOOM)), max(1, round(w * ZOOM))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crop = x[..., top:top + ch, left:left + cw]
+    return torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+
+
 # Test-time augmentation views, applied to a whole NCHW batch on the device.
 TTA_VIEWS = {
     "identity": lambda x: x,
@@ -24,6 +37,7 @@ TTA_VIEWS = {
     "rot90": lambda x: x.rot90(1, (2, 3)),
     "rot270": lambda x: x.rot90(3, (2, 3)),
     "transpose": lambda x: x.transpose(2, 3),
+    "zoom": _zoom,
 }
 
 
