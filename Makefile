@@ -98,7 +98,8 @@ demo: .venv/.installed ## the whole pipeline on the digits demo data
 	json.dump({'seconds': time.time() - s}, open('runs/demo_wall_time.json', 'w')); \
 	print(f'make demo: {(time.time() - s) / 60:.1f} min end to end')" && rm -f runs/.demo_started; fi
 
-test: .venv/.installed ## run the test suite (CPU, offline)
+test: .venv/.installed ## lint (ruff), then run the test suite (CPU, offline)
+	$(PYTHON) -m ruff check pipeline tests
 	$(PYTHON) -m pytest -q
 
 clean: ## remove generated runs, folds and submissions (keeps data and .venv)

@@ -19,7 +19,7 @@ The package is built in layers; a module imports only from its own layer or the 
 ``cli``        the command line: parses arguments, runs stages (and chains them); ``__main__`` calls it
 """
 
-LAYERS = ("core", "domain", "config", "data", "engine", "training", "tracking", "ensembles", "stages", "workflows", "bench",
-          "cli", "__main__")
+LAYERS = ("core", "domain", "config", "data", "engine", "training", "tracking", "ensembles", "stages", "workflows",
+          "bench", "cli", "__main__")
 
 __version__ = "0.1.0"

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="data/digits")
     p.add_argument("--force", action="store_true")
 
-    p = sub.add_parser("init", help="read a competition folder: write configs/<name>.yaml and runs/<name>/data_report.md")
+    p = sub.add_parser("init",
+                       help="read a competition folder: write configs/<name>.yaml and runs/<name>/data_report.md")
     p.add_argument("data_dir", help="the competition folder (train.csv or class sub-folders, sample_submission.csv, "
                                     "image folders)")
     p.add_argument("--name", help="experiment and config name (default: the folder's name)")
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--budget", type=float, help="minutes for the whole run (default: the config's time_budget_min)")
 
-    p = sub.add_parser("pretrain", help="train pretrain.backbones on pretrain.data: runs/<exp>/<id>/pretrained.safetensors")
+    p = sub.add_parser("pretrain",
+                       help="train pretrain.backbones on pretrain.data: runs/<exp>/<id>/pretrained.safetensors")
     _common(p)
     p.add_argument("--backbone", help="only this id of pretrain.backbones")
 

@@ -51,7 +51,7 @@ def test_a_generous_budget_keeps_the_configured_epochs(make_config, monkeypatch)
     run_folds(cfg)
     from pipeline.data.tables import read_folds, task_spec
     table = read_folds(cfg)
-    planned, plan = budget.planned_config(cfg, cfg.backbones[0], task_spec(cfg, table), task_spec(cfg, table).encode(table),
-                                          12, 1)
+    planned, plan = budget.planned_config(cfg, cfg.backbones[0], task_spec(cfg, table),
+                                          task_spec(cfg, table).encode(table), 12, 1)
     assert isinstance(plan, Plan) and plan.unfrozen_epochs == 2
     assert planned.train.unfrozen.epochs == 2 and planned.train.time_budget_min is None

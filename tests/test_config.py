@@ -22,7 +22,8 @@ def test_demo_config_loads_with_its_file_stem_as_name():
     cfg = load_config(DEMO_CONFIG)
     assert cfg.name == "demo"
     assert cfg.data.task == "multiclass" and cfg.data.id_column == "image_id"
-    assert [(b.name, b.slug) for b in cfg.backbones] == [("efficientnet_lite0", "lite0-48"), ("efficientnet_lite0", "lite0-64")]
+    assert [(b.name, b.slug) for b in cfg.backbones] == [("efficientnet_lite0", "lite0-48"),
+                                                         ("efficientnet_lite0", "lite0-64")]
     assert cfg.folds.strategy in FOLD_STRATEGIES
 
 

@@ -215,7 +215,9 @@ BAD_INPUTS = {  # name: (break the data, config overrides, error must match)
     "missing target column": (None, ["data.target_columns=[labels]"], r"no column labels.*data.target_columns"),
     "NaN target": (_nan_target, [], r"target column 'label' is empty for 1 rows, ids 'img_0005'"),
     "NaN text target is a label": (_nan_text_target, [], r"too few for: .*class 'NaN' \(1 rows\)"),
-    "class with fewer rows than folds": (_rare_class, [], r"at least folds.n_splits=3 rows per class; too few for: .*class 'x' \(1 rows\)"),
+    "class with fewer rows than folds": (_rare_class, [],
+                                         r"at least folds.n_splits=3 rows per class; "
+                                         r"too few for: .*class 'x' \(1 rows\)"),
     "missing group column": (None, ["data.group_column=author", "folds.strategy=group"],
                              r"no column author \(config key data.group_column\)"),
     "missing train.csv": (_no_train_csv, [], r"train table .*train.csv \(config key data.train_csv\) does not exist"),

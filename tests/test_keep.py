@@ -89,7 +89,8 @@ def test_keep_swa_recomputes_batchnorm_statistics(make_config):
     trainer.run()
     assert trainer.state.swa is not None
     bn = [k for k in trainer.state.swa if k.endswith("running_var")][0]
-    assert not torch.equal(trainer.final_model.state_dict()[bn], trainer.state.swa[bn].to(trainer.final_model.state_dict()[bn].dtype))
+    assert not torch.equal(trainer.final_model.state_dict()[bn],
+                           trainer.state.swa[bn].to(trainer.final_model.state_dict()[bn].dtype))
 
 
 def test_keep_swa_resumes_to_the_same_weights(make_config, tmp_path, monkeypatch):

@@ -160,7 +160,8 @@ def test_auto_decides_on_fold_0_records_it_and_counts_it_as_a_selection(make_con
     decision = cv["unfreeze"]
     assert cv["decided_folds"] == [0] and decision["rows"] == int((read_folds(cfg)["fold"] == 0).sum())
     assert cv["cv_untuned"] == pytest.approx(np.mean(cv["folds"][1:]))
-    assert "unfreezing decided on folds [0]" in honesty(cv, "backbone") and honesty(cv, "backbone").startswith("optimistic")
+    assert ("unfreezing decided on folds [0]" in honesty(cv, "backbone")
+            and honesty(cv, "backbone").startswith("optimistic"))
     out = capsys.readouterr().out
     assert "train.unfreeze auto:" in out and "paired bootstrap p" in out
     # the folds train with what was decided: frozen-only folds have no unfrozen epoch, or all folds unfreeze

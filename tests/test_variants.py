@@ -112,7 +112,8 @@ def test_predict_reproduces_the_ensemble_stage(trained, method, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(paths.submission(method)))
     # and every probability, not only the labels
     frame, _, _ = predict_frame(cfg, method, read_test_table(cfg))
-    written = pd.read_csv(paths.ensemble_method_dir(method) / "test.csv" if method != "large" else paths.test_csv(method))
+    written = pd.read_csv(paths.ensemble_method_dir(method) / "test.csv" if method != "large"
+                          else paths.test_csv(method))
     np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(float), written.iloc[:, 1:].to_numpy(float), atol=1e-6)
 
 

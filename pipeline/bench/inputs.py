@@ -120,7 +120,8 @@ def bench_epoch(trainer, repeats: int) -> dict:
     def pipeline_epoch():
         sampler.set_epoch(sampler.seed + 1)
         phases.train_mode(t.model, t.tcfg)
-        run_batches(loader, lambda b: phases.model_loss(t, t.model, b, None), stepper, len(loader), "bench", progress=False)
+        run_batches(loader, lambda b: phases.model_loss(t, t.model, b, None), stepper, len(loader), "bench",
+                    progress=False)
 
     def bare_epoch():
         phases.train_mode(t.model, t.tcfg)

@@ -228,6 +228,6 @@ def bench_finetune(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
             f"{'a linear probe' if t.linear_probe else f'{t.frozen.epochs} frozen epochs'}, then {t.unfrozen.epochs} "
             f"unfrozen epochs at lr {t.unfrozen.lr:g} (backbone x{t.unfrozen.backbone_lr_mult:g}), "
             f"freeze_bn {t.freeze_bn}, adapt_bn {t.adapt_bn}; SWA over the last {t.swa_epochs} epochs. "
-            f"\"probe\" is the frozen head the unfrozen phase starts from. Fine-tuned (best, last and swa) above the frozen "
-            f"head on the hidden test in {sum(beats)} of {len(beats)} seeds; the highest loss of a first-10 unfrozen "
-            f"batch was {worst_first:.2f} (chance: {chance:.2f}).\n")
+            f"\"probe\" is the frozen head the unfrozen phase starts from. Fine-tuned (best, last and swa) above the "
+            f"frozen head on the hidden test in {sum(beats)} of {len(beats)} seeds; the highest loss of a first-10 "
+            f"unfrozen batch was {worst_first:.2f} (chance: {chance:.2f}).\n")

@@ -74,7 +74,8 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                             bench_quality.bench_finetune),
                "cpu": ("A CPU's layout and passes: channels_last and small inference passes against before",
                        bench_photos.cpu_layout),
-               "frozen": ("A stronger frozen path: the probe on several views of each image, and a centre-crop TTA view",
+               "frozen": ("A stronger frozen path: the probe on several views of each image, "
+                          "and a centre-crop TTA view",
                           lambda c: bench_photos.run_recipes(c, "frozen")),
                "features": ("A feature ensemble: one probe over several backbones' frozen features",
                             bench_photos.feature_ensemble),
@@ -119,11 +120,12 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
     gc.collect()
 
     bench_dir = Path(cfg.runs_dir) / "bench"
-    small = cfg.replace(name="bench", backbones=[cfg.backbones[0] if not quick else
-                                                 BackboneConfig(name="test_efficientnet", weights="none", image_size=32)])
+    tiny = BackboneConfig(name="test_efficientnet", weights="none", image_size=32)
+    small = cfg.replace(name="bench", backbones=[tiny if quick else cfg.backbones[0]])
     epochs = 2 if quick else 5
     r = bench_frozen_phase(small, epochs, image_size=None if quick else size)
-    setting = f"{r['folds']} folds x {r['epochs']} epochs, {r['images']} images, {small.backbones[0].name} {r['size']}px"
+    setting = (f"{r['folds']} folds x {r['epochs']} epochs, {r['images']} images, "
+               f"{small.backbones[0].name} {r['size']}px")
     rows.append(("frozen phase, all folds, cached / one bare fwd pass", r["cached_s"] / r["bare_forward_s"], "<= 1.2",
                  f"{r['cached_s']:.2f} s vs {r['bare_forward_s']:.2f} s", setting))
     rows.append(("frozen phase: through the model / cached", r["through_model_s"] / r["cached_s"], ">= 10",
@@ -142,7 +144,8 @@ def bench_speed(cfg: Config, quick: bool, output: str) -> Path:
                  f"{small.backbones[0].name} {r['size']}px"))
 
     config_path = bench_dir / "bench.yaml"
-    one_epoch = small.replace(train=dataclasses.replace(small.train, frozen=dataclasses.replace(small.train.frozen, epochs=1),
+    one_epoch = small.replace(train=dataclasses.replace(small.train,
+                                                        frozen=dataclasses.replace(small.train.frozen, epochs=1),
                                                         unfrozen=dataclasses.replace(small.train.unfrozen, epochs=1)),
                               runs_dir=str(bench_dir / "runs"))
     artifacts.write_text(config_path, dump_config(one_epoch))
@@ -209,7 +212,8 @@ def _met(value: float, goal: str) -> str:
 def _write_section(path: Path, name: str, text: str) -> None:
     """Replace (or append) one section of BENCHMARKS.md, between its markers, leaving the rest."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    previous = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured, with the command that reproduces each table.\n"
+    header = "# Benchmarks\n\nMeasured, with the command that reproduces each table.\n"
+    previous = path.read_text() if path.exists() else header
     block = f"{start}\n{text.rstrip()}\n{end}"
     if start in previous and end in previous:
         head, rest = previous.split(start, 1)

@@ -322,7 +322,8 @@ class TuneConfig:
             _check(len(bounds) == 2, f"{key}.{name}", "give [low, high]")
             _check(0 < bounds[0] < bounds[1], f"{key}.{name}",
                    f"bounds must satisfy 0 < low < high (log-uniform), got {bounds}")
-        _check(self.sampler in SAMPLERS, f"{key}.sampler", f"'{self.sampler}' is not a sampler; valid: {', '.join(SAMPLERS)}")
+        _check(self.sampler in SAMPLERS, f"{key}.sampler",
+               f"'{self.sampler}' is not a sampler; valid: {', '.join(SAMPLERS)}")
         _check(self.pruner in PRUNERS, f"{key}.pruner", f"'{self.pruner}' is not a pruner; valid: {', '.join(PRUNERS)}")
 
 
@@ -338,7 +339,8 @@ class EnsembleConfig:
         _check(self.postprocess in ("auto", "none"), f"{key}.postprocess",
                f"'{self.postprocess}' is not a choice; valid: auto, none")
         for m in self.methods:
-            _check(m in ENSEMBLE_METHODS, f"{key}.methods", f"'{m}' is not a method; valid: {', '.join(ENSEMBLE_METHODS)}")
+            _check(m in ENSEMBLE_METHODS, f"{key}.methods",
+                   f"'{m}' is not a method; valid: {', '.join(ENSEMBLE_METHODS)}")
 
 
 @dataclass(frozen=True)
@@ -418,7 +420,8 @@ class Config:
         _check(bool(self.name) and "/" not in self.name, "name", "give a plain experiment name (used in file names)")
         self.data.validate("data")
         self.folds.validate("folds")
-        _check(self.metric in METRICS, "metric", f"'{self.metric}' is not a metric; valid: {', '.join(sorted(METRICS))}")
+        _check(self.metric in METRICS, "metric",
+               f"'{self.metric}' is not a metric; valid: {', '.join(sorted(METRICS))}")
         _check(len(self.backbones) >= 1, "backbones", "list at least one backbone")
         for i, b in enumerate(self.backbones):
             b.validate(f"backbones[{i}]")
@@ -535,12 +538,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, bool):  # YAML reads `use_tuned: false` as a boolean
             return "true" if value else "false"
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected text, got {value!r}")
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
+               f"expected text, got {value!r}")
         return str(value)
     return value
 

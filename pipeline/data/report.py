@@ -175,7 +175,8 @@ def _counts(comp: Competition, f: Findings) -> list[str]:
             ["image files", len(comp.train_files), len(comp.test_files)],
             ["rows without an image", len(f.rows_without_images["train"]), len(f.rows_without_images["test"])],
             ["images without a row", len(f.images_without_rows["train"]), len(f.images_without_rows["test"])],
-            ["unreadable images", int((unreadable["split"] == "train").sum()), int((unreadable["split"] == "test").sum())]]
+            ["unreadable images", int((unreadable["split"] == "train").sum()),
+             int((unreadable["split"] == "test").sum())]]
     return ["## Counts", ""] + _table(["", "train", "test"], rows)
 
 

@@ -37,7 +37,8 @@ IMAGENET_CLASSES = 1000
 def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; did you mean: {', '.join(close)}" if close else "; `python -c \"import timm; print(timm.list_models('*name*'))\"` lists them"
+        hint = (f"; did you mean: {', '.join(close)}" if close
+                else "; `python -c \"import timm; print(timm.list_models('*name*'))\"` lists them")
         raise PipelineError(f"backbone '{name}' is not a timm model{hint}")
 
 

@@ -321,7 +321,8 @@ def fit_rows(method: str, inputs: Inputs, rows: np.ndarray, cfg: Config) -> Blen
     return fit_method(method, inputs.oof[:, rows], inputs.y[rows], inputs, cfg)
 
 
-def cross_fit(method: str, inputs: Inputs, cfg: Config, kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def cross_fit(method: str, inputs: Inputs, cfg: Config,
+              kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Nested predictions: each fold's rows predicted by ``method`` fitted on the other folds only;
     with a post-processing ``kind``, also those predictions post-processed by parameters fitted on
     the other folds' rows (blended by that same fold's blend), never on the fold itself."""

@@ -96,7 +96,8 @@ def fit(kind: str, y: np.ndarray, pred: np.ndarray, metric: Metric, task: str) -
     if kind == "class_bias":
         steps = np.linspace(-2.0, 2.0, 21)
         start = [0.0] * pred.shape[1]
-        found = _ascend(start, lambda j, b: steps, lambda b: _score(metric, task, y, apply({"kind": kind, "bias": b}, pred)),
+        found = _ascend(start, lambda j, b: steps,
+                        lambda b: _score(metric, task, y, apply({"kind": kind, "bias": b}, pred)),
                         passes=2 if pred.shape[1] <= 50 else 1)
         return {"kind": kind, "bias": found}
     if kind == "cutpoints":

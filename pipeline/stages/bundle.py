@@ -87,7 +87,8 @@ def build_wheel(dest: Path) -> Path:
     if not (root / "pyproject.toml").exists():
         raise PipelineError(f"`bundle` builds the pipeline's wheel from its source, and {root} has no pyproject.toml; "
                             f"run it from a clone of the repository")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(dest), str(root)]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(dest),
+           str(root)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("pipeline-*.whl"))
     if done.returncode != 0 or not wheels:
@@ -171,7 +172,8 @@ def run_bundle(cfg: Config, method: str | None = None, fp16: bool = False, out: 
     weights = sum(f.stat().st_size for f in dest.rglob("best.safetensors"))
     print(f"bundle: {method} ({len(variants)} model variants x {cfg.folds.n_splits} folds) -> {dest}: "
           f"{_size(dest) / 2**20:.1f} MiB, of which weights {weights / 2**20:.1f} MiB"
-          f"{' (float16)' if fp16 else ' (float32; --fp16 halves them)'}, wheel {(dest / wheel.name).stat().st_size / 2**10:.0f} KiB")
+          f"{' (float16)' if fp16 else ' (float32; --fp16 halves them)'}, "
+          f"wheel {(dest / wheel.name).stat().st_size / 2**10:.0f} KiB")
     if user is None:
         print(f"bundle: set your Kaggle username in {dest / 'dataset-metadata.json'} (INSERT_USERNAME), then: "
               f"kaggle datasets create -p {dest}")

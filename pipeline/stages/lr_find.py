@@ -294,7 +294,8 @@ def run_lr_find(cfg: Config, backbone: str | None = None, force: bool = False, *
     for bcfg in backbones:
         check_model_name(bcfg.name)
     if unfrozen_steps is None:
-        unfrozen_steps = steps if torch.cuda.is_available() and cfg.train.device != "cpu" else min(steps, UNFROZEN_STEPS_CPU)
+        unfrozen_steps = (steps if torch.cuda.is_available() and cfg.train.device != "cpu"
+                          else min(steps, UNFROZEN_STEPS_CPU))
     lrs = np.geomspace(start_lr, end_lr, steps)
     for entry in backbones:
         bcfg_cfg, bcfg = cfg.variant(entry)

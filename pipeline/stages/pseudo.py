@@ -256,7 +256,8 @@ def cv_changes(cfg: Config, new_cfg: Config) -> str:
         after = float(new.loc[model, "score"])
         if model in old.index and np.isfinite(old.loc[model, "score"]):
             before = float(old.loc[model, "score"])
-            lines.append(f"  {model:<16} {new.loc[model, 'kind']:<8} {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+            lines.append(f"  {model:<16} {new.loc[model, 'kind']:<8} {before:.4f} -> {after:.4f} "
+                         f"({after - before:+.4f})")
         else:
             lines.append(f"  {model:<16} {new.loc[model, 'kind']:<8} (not in {cfg.name}) -> {after:.4f}")
     return "\n".join(lines)

@@ -119,7 +119,8 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
                 and all(paths.cv_json(m.slug).exists() for m in members)):
             cv = aggregate_seed_mean(cfg, group, members, spec, table)
             print(f"{group}: mean of seeds {', '.join(m.slug for m in members)}: CV {cv['metric']} "
-                  f"{fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, OOF {fmt_score(cv['oof'])} -> {paths.cv_json(group)}")
+                  f"{fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, OOF {fmt_score(cv['oof'])} "
+                  f"-> {paths.cv_json(group)}")
     return paths.exp_dir
 
 

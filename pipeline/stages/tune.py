@@ -10,8 +10,9 @@ cached features, and Optuna's median pruner compares a trial's *best* reported v
 good frozen-phase score would inflate so that no unfrozen LR is ever pruned. A trial's last
 epoch is never pruned: that saves nothing. The
 search space is log-uniform within the ``tune:`` bounds: the head LR of the frozen phase
-(``frozen_lr``; none with ``train.linear_probe``), the LR of the unfrozen phase (``unfrozen_lr``), the backbone's share of it
-(``backbone_lr_mult``) and, when ``tune.weight_decay`` is given, the weight decay. A phase with
+(``frozen_lr``; none with ``train.linear_probe``), the LR of the unfrozen phase (``unfrozen_lr``),
+the backbone's share of it (``backbone_lr_mult``) and, when ``tune.weight_decay`` is given, the
+weight decay. A phase with
 no epochs in the budget has nothing to tune and is left out. The first trial of a new study runs
 the config's own LRs (when inside the bounds): the study then shows what tuning gained.
 
@@ -703,8 +704,9 @@ class StudyReport:
     def print_plan(self, finished: int, workers: int) -> None:
         b = self.budget
         bounds = ", ".join(f"{k} [{lo:.1e}, {hi:.1e}]" for k, (lo, hi) in self.space.items())
-        print(f"tune {self.bcfg.slug}: study {self.name} in {shown_url(self.url)}: {finished} of {self.cfg.tune.trials} trials "
-              f"finished; {workers} worker(s), sampler {self.cfg.tune.sampler}, pruner {self.cfg.tune.pruner}")
+        print(f"tune {self.bcfg.slug}: study {self.name} in {shown_url(self.url)}: {finished} of "
+              f"{self.cfg.tune.trials} trials finished; {workers} worker(s), sampler {self.cfg.tune.sampler}, "
+              f"pruner {self.cfg.tune.pruner}")
         print(f"  each trial: folds {list(b.folds)} x ({b.frozen_epochs} frozen + {b.unfrozen_epochs} unfrozen "
               f"epochs), {self.metric.name} ({'higher' if self.metric.greater_is_better else 'lower'} is better); "
               f"log-uniform {bounds}")
@@ -720,7 +722,8 @@ class StudyReport:
             if key in self.space and isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
                 words.append(f"tune.{key}=[{value / 10:.1e},{value * 3:.1e}]")
         if words:
-            print(f"  lr-find ({path}) suggests {', '.join(f'{k} {suggestion[k]:.1e}' for k in ('frozen_lr', 'unfrozen_lr') if k in suggestion)}; "
+            print(f"  lr-find ({path}) suggests "
+                  f"{', '.join(f'{k} {suggestion[k]:.1e}' for k in ('frozen_lr', 'unfrozen_lr') if k in suggestion)}; "
                   f"to search around it: make tune ARGS=\"{' '.join(words)}\"")
 
     def is_current(self, study: optuna.Study) -> bool:
@@ -741,9 +744,10 @@ class StudyReport:
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         pruned = [t for t in trials if t.state == TrialState.PRUNED]
         if not complete:
-            raise PipelineError(f"tune {self.bcfg.slug}: no trial of study {self.name} completed ({len(pruned)} pruned, "
-                                f"{sum(t.state == TrialState.FAIL for t in trials)} failed); see {self.dir / 'trials.csv'}. "
-                                f"Widen the tune.* bounds, raise tune.trials or set tune.pruner=none")
+            raise PipelineError(f"tune {self.bcfg.slug}: no trial of study {self.name} completed "
+                                f"({len(pruned)} pruned, {sum(t.state == TrialState.FAIL for t in trials)} failed); "
+                                f"see {self.dir / 'trials.csv'}. Widen the tune.* bounds, raise tune.trials or set "
+                                f"tune.pruner=none")
         best = study.best_trial
         saving = pruning_saving(trials)
         result = {"params": best.params, "value": best.value, "metric": self.metric.name,

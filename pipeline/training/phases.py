@@ -41,7 +41,8 @@ def frozen(trainer, phase: PhaseConfig, start_epoch: int) -> None:
     y_dev = data.y_t.to(rt.device)
     for epoch in range(start_epoch, phase.epochs):
         seed = seed_everything(tcfg.seed, trainer.job.fold, epoch)
-        order = data.train_idx[torch.randperm(len(data.train_idx), generator=torch.Generator().manual_seed(seed)).numpy()]
+        order = data.train_idx[torch.randperm(len(data.train_idx),
+                                              generator=torch.Generator().manual_seed(seed)).numpy()]
         batches = [order[i:i + data.batch_size] for i in range(0, len(order), data.batch_size)]
         frozen_train_mode(model)
         lrs = group_lrs(optimizer)

@@ -42,8 +42,9 @@ def with_pseudo_labels(cfg: Config, spec: TaskSpec, table: pd.DataFrame) -> pd.D
                             f"were made for other folds: re-run `python -m pipeline pseudo`")
     missing = [p for p in frame[IMAGE_PATH] if not os.path.isfile(str(p))]
     if missing:
-        raise PipelineError(f"{path}: {len(missing)} images in column '{IMAGE_PATH}' do not exist: {first_few(missing)}; "
-                            f"re-run `python -m pipeline pseudo` from the directory the pipeline runs in")
+        raise PipelineError(f"{path}: {len(missing)} images in column '{IMAGE_PATH}' do not exist: "
+                            f"{first_few(missing)}; re-run `python -m pipeline pseudo` "
+                            f"from the directory the pipeline runs in")
     try:
         spec.encode(frame)  # its labels must be classes of the train table
     except PipelineError as exc:
