@@ -128,6 +128,45 @@ def run_recipes(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44)
     return recipe_table(cfg, recipe_runs(cfg, section, seeds))
 
 
+ZOOM_MEMBERS = ("efficientnet_lite1", "efficientnet_lite2")  # other bundled backbones, frozen-only
+
+
+def tta_zoom(cfg: Config, seed: int = 42) -> str:
+    """Markdown: the config's TTA views against the same plus ``zoom``, side by side: the first
+    backbone frozen-only and fine-tuned (``always``), and ``ZOOM_MEMBERS`` (bundled, at the first
+    backbone's size) frozen-only; CV, hidden test, the train stage's wall time."""
+    from pipeline.config.schema import BackboneConfig
+
+    base = list(cfg.augment.tta)
+    if "zoom" in base:
+        base.remove("zoom")
+    first = cfg.backbones[0]
+    models = [(first, "never"), (first, "always")] + [
+        (BackboneConfig(name=name, weights="bundled", image_size=first.image_size), "never") for name in ZOOM_MEMBERS]
+    rows = []
+    for bcfg, unfreeze in models:
+        for views in (base, base + ["zoom"]):
+            folder = f"tta-{bcfg.name}-{unfreeze}-{'-'.join(views)}"
+            vcfg = _variant(cfg.replace(backbones=[bcfg]), {"train.unfreeze": unfreeze, "augment.tta": views}, seed,
+                            Path(cfg.runs_dir) / "bench" / folder)
+            _, scores = _train_and_score(vcfg)
+            rows.append({"model": f"{bcfg.name} {'frozen-only' if unfreeze == 'never' else 'fine-tuned (always)'}",
+                         "tta": ", ".join(views), **scores})
+            print(rows[-1], flush=True)
+    lines = ["| model | TTA views | CV | hidden test | train stage s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['tta']} | {r['cv']:.4f} | {r['test']:.4f} | {r['seconds']:.0f} |" for r in rows]
+    pairs = list(zip(rows[::2], rows[1::2]))
+    cv_up = sum(z["cv"] > b["cv"] for b, z in pairs)
+    test_up = sum(z["test"] > b["test"] for b, z in pairs)
+    test_down = sum(z["test"] < b["test"] for b, z in pairs)
+    lines += ["", f"With `zoom` added: CV higher for {cv_up} of {len(pairs)} models, hidden test higher for {test_up} "
+              f"and lower for {test_down}; mean hidden test {np.mean([z['test'] - b['test'] for b, z in pairs]):+.4f}, "
+              f"mean train stage {np.mean([z['seconds'] / b['seconds'] for b, z in pairs]):.2f}x. "
+              f"{first.weights} weights at {first.image_size} px, {cfg.folds.n_splits} folds, seed {seed} "
+              f"(train.seed); every run in its own runs folder."]
+    return "\n".join(lines)
+
+
 def _class_subset(cfg: Config, classes: tuple[str, ...], folder: Path) -> dict:
     """The rows of ``classes`` only, train and hidden test: their train.csv, sample_submission.csv
     and solution.csv in ``folder`` (the images stay where they are). Returns the ``data.*``
@@ -253,7 +292,8 @@ def feature_ensemble(cfg: Config, members: tuple[str, ...] = ("efficientnet_lite
                 spec.predictions_from_frame(oof), spec.predictions_from_frame(tst))))})
         mean_oof = np.mean([spec.predictions_from_frame(preds[m][0]) for m in members], axis=0)
         mean_test = np.mean([spec.predictions_from_frame(preds[m][1]) for m in members], axis=0)
-        rows.append({"model": "mean of the probes", "seed": seed, **dict(zip(("cv", "test"), scores(mean_oof, mean_test)))})
+        rows.append({"model": "mean of the probes", "seed": seed,
+                     **dict(zip(("cv", "test"), scores(mean_oof, mean_test)))})
         views = list(base.augment.tta)
         concat = {key: torch.cat([feats[m][key] for m in members], dim=1) for key in feats[members[0]]}
         loss_fn = make_loss(spec, base.train)
@@ -274,7 +314,8 @@ def feature_ensemble(cfg: Config, members: tuple[str, ...] = ("efficientnet_lite
     means = frame.groupby("model", sort=False)[["cv", "test"]].mean()
     lines += ["", "| model | mean CV | mean hidden test |", "|---|---|---|"]
     lines += [f"| {name} | {m.cv:.4f} | {m.test:.4f} |" for name, m in means.iterrows()]
-    lines += ["", f"{', '.join(members)} ({cfg.backbones[0].weights}) at {cfg.backbones[0].image_size} px, frozen-only, "
+    first = cfg.backbones[0]
+    lines += ["", f"{', '.join(members)} ({first.weights}) at {first.image_size} px, frozen-only, "
               f"{cfg.folds.n_splits} folds, probe views {', '.join(probe_views)}, TTA {', '.join(cfg.augment.tta)}; "
               f"seeds {', '.join(map(str, seeds))} (train.seed)."]
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from pipeline.config.schema import BackboneConfig, Config, dump_config
 from pipeline.core import artifacts
 from pipeline.data.cache import ImageCache
 
-SECTIONS = ("speed", "input", "cpu", "timeline", "tune", "lpft", "finetune", "frozen", "features", "unfreeze",
+SECTIONS = ("speed", "input", "cpu", "timeline", "tune", "lpft", "finetune", "frozen", "tta", "features", "unfreeze",
             "pairs", "lrs", "gpu", "ray", "labels", "presets")
 
 
@@ -77,6 +77,8 @@ def run_bench(cfg: Config, quick: bool = False, output: str = "BENCHMARKS.md",
                "frozen": ("A stronger frozen path: the probe on several views of each image, "
                           "and a centre-crop TTA view",
                           lambda c: bench_photos.run_recipes(c, "frozen")),
+               "tta": ("A centre-crop TTA view: the configured views against the same plus zoom",
+                       bench_photos.tta_zoom),
                "features": ("A feature ensemble: one probe over several backbones' frozen features",
                             bench_photos.feature_ensemble),
                "unfreeze": ("Unfreeze only where it pays: never, always, auto (fold 0 decides)",
