@@ -129,7 +129,8 @@ class BudgetedRun:
                                                                   steps=MEASURE_STEPS, batch=MEASURE_BATCH,
                                                                   image_paths=files)
             self.model(entry)["speeds"] = dataclasses.asdict(speeds)
-            costs[entry.slug] = run_costs(speeds, len(table), len(test), cfg.folds.n_splits, len(vcfg.augment.tta))
+            costs[entry.slug] = run_costs(speeds, len(table), len(test), cfg.folds.n_splits, len(vcfg.augment.tta),
+                                          frozen_views=len(vcfg.augment.views(frozen_only=True)))
         self.save()
         return costs
 

@@ -24,6 +24,10 @@ def test_costs_count_the_screening_once_and_every_fold_epoch():
     # auto: two extra first epochs on fold 0 (the chosen LR's run is fold 0)
     assert costs.unfreeze_s(3, 3, decides=True) == pytest.approx(always + 2 * costs.epoch_s)
     assert costs.decision_s(3, 3) == pytest.approx(5 * costs.epoch_s)
+    # augment.frozen_zoom: the frozen-only path predicts through one view more; fine-tuned folds do not
+    zoomed = run_costs(Speeds(train_img_s=10.0, infer_img_s=100.0), n_train=500, n_test=100, n_folds=5, views=2,
+                       frozen_views=3)
+    assert zoomed.frozen_s == pytest.approx((500 + 100) * 3 / 100) and zoomed.predict_s == costs.predict_s
 
 
 def test_the_most_epochs_that_fit_for_every_fold():

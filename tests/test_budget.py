@@ -21,6 +21,8 @@ def test_the_plan_takes_the_most_epochs_that_fit():
     # features 2.5 s; per fold and epoch 8 + 0.5 s, per fold 2 s of predictions: 5 folds x (8.5 e + 2) + 2.5
     assert tight.unfrozen_epochs == 3 and tight.seconds == pytest.approx(2.5 + 5 * (3 * 8.5 + 2))
     assert plan_epochs(SPEEDS, budget_s=1, **args).unfrozen_epochs == 0
+    frozen = plan_epochs(SPEEDS, budget_s=1, **args)  # the frozen-only path, with one view more (frozen_zoom)
+    assert plan_epochs(SPEEDS, budget_s=1, frozen_views=3, **args).seconds > frozen.seconds
     assert plan_epochs(SPEEDS, budget_s=150, jobs=5, **args).unfrozen_epochs == 10  # 5 folds at once: 2.5 + 8.5 e + 2
 
 

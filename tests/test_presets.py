@@ -24,7 +24,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 # the documented values (docs/training.md#presets), written out: the tables must not drift from them
 DOCUMENTED = {
     "fast": {"backbones": [("efficientnet_lite0", 160)], "unfreeze": "never", "epochs": 3,
-             "tta": ["identity", "hflip", "zoom"], "methods": ["mean"]},
+             "tta": ["identity", "hflip"], "methods": ["mean"]},
     "balanced": {"backbones": [("efficientnet_lite0", 160), ("efficientnet_lite1", 192)], "unfreeze": "auto",
                  "epochs": 3, "tta": ["identity", "hflip"], "methods": ["mean", "hill_climb"]},
     "best": {"backbones": [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)],

@@ -135,6 +135,34 @@ def test_an_unfreezing_auto_trains_the_folds_of_always(make_config):
     assert fold_digest(unfreeze._with(auto, epochs=0), b, 1) == fold_digest(unfreeze._with(never, epochs=0), b, 1)
 
 
+@pytest.mark.parametrize("words, frozen_only", [
+    (["train.unfreeze=never"], True),
+    (["train.unfreeze=auto", "train.unfrozen.epochs=0"], True),
+    (["train.unfreeze=always", "train.unfrozen.epochs=0"], True),
+    (["train.unfreeze=always"], False),
+])
+def test_frozen_only_folds_predict_through_zoom_too(make_config, words, frozen_only):
+    """augment.frozen_zoom: the resolved config of frozen-only folds adds ``zoom`` to the TTA views,
+    fine-tuned folds keep ``augment.tta``; as_trained (predict, bundle) resolves the same way."""
+    cfg = make_config(*FAST, "augment.tta=[identity,hflip]", *words)
+    b = cfg.backbones[0]
+    expected = ["identity", "hflip", "zoom"] if frozen_only else ["identity", "hflip"]
+    assert unfreeze._fixed(cfg).augment.tta == expected
+    assert unfreeze.as_trained(cfg, b).augment.tta == expected
+    off = make_config(*FAST, "augment.tta=[identity,hflip]", "augment.frozen_zoom=false", *words)
+    assert unfreeze._fixed(off).augment.tta == ["identity", "hflip"]
+    already = make_config(*FAST, "augment.tta=[zoom,identity]", *words)
+    assert unfreeze._fixed(already).augment.tta == ["zoom", "identity"]  # never twice
+
+
+def test_an_auto_decision_resolves_the_views_with_the_epochs(make_config):
+    cfg = make_config(*FAST, "train.unfreeze=auto", "augment.tta=[identity]")
+    frozen = unfreeze._decided_config(cfg, {"unfreeze": False, "lr": 1e-3})
+    tuned = unfreeze._decided_config(cfg, {"unfreeze": True, "lr": 1e-3})
+    assert frozen.train.unfrozen.epochs == 0 and frozen.augment.tta == ["identity", "zoom"]
+    assert tuned.train.unfrozen.epochs == 2 and tuned.augment.tta == ["identity"]
+
+
 def test_bad_unfreeze_keys_are_one_line(make_config):
     with pytest.raises(PipelineError, match="train.unfreeze.*valid: always, never, auto"):
         make_config("train.unfreeze=sometimes")

@@ -231,7 +231,10 @@ def test_a_resolved_unfreeze_predicts_and_bundles(digits_root, tmp_path, unfreez
     run_train(cfg)
     run_ensemble(cfg)
     paths = Paths(cfg)
-    assert load_config(paths.fold_dir("test_efficientnet", 1) / "config.yaml").train.unfreeze == "always"
+    trained = load_config(paths.fold_dir("test_efficientnet", 1) / "config.yaml")
+    assert trained.train.unfreeze == "always"
+    # augment.frozen_zoom: frozen-only folds predicted through zoom too, fine-tuned ones through augment.tta
+    assert trained.augment.tta == (["identity", "zoom"] if trained.train.unfrozen.epochs == 0 else ["identity"])
     expected = run_predict(cfg, method="mean", out=str(tmp_path / "expected.csv"))
     pd.testing.assert_frame_equal(pd.read_csv(expected), pd.read_csv(paths.submission("mean")))
     bundle = run_bundle(cfg, method="mean", out=str(tmp_path / "bundle"))

@@ -33,12 +33,14 @@ from pipeline.engine.fit import score
 from pipeline.stages.folds import run_folds
 
 RECIPES = {
-    "frozen": {"probe": {"train.unfreeze": "never", "train.probe_views": ["identity"]},
-               "probe + hflip views": {"train.unfreeze": "never", "train.probe_views": ["identity", "hflip"]},
-               "probe + zoom views": {"train.unfreeze": "never", "train.probe_views": ["identity", "zoom"]},
-               "probe, TTA + zoom": {"train.unfreeze": "never", "augment.tta": ["identity", "hflip", "zoom"]},
-               "probe + zoom views, TTA + zoom": {"train.unfreeze": "never", "train.probe_views": ["identity", "zoom"],
-                                                  "augment.tta": ["identity", "hflip", "zoom"]}},
+    # augment.frozen_zoom off: each recipe's views are the ones it names
+    "frozen": {name: {"train.unfreeze": "never", "augment.frozen_zoom": False, **over} for name, over in {
+        "probe": {"train.probe_views": ["identity"]},
+        "probe + hflip views": {"train.probe_views": ["identity", "hflip"]},
+        "probe + zoom views": {"train.probe_views": ["identity", "zoom"]},
+        "probe, TTA + zoom": {"augment.tta": ["identity", "hflip", "zoom"]},
+        "probe + zoom views, TTA + zoom": {"train.probe_views": ["identity", "zoom"],
+                                           "augment.tta": ["identity", "hflip", "zoom"]}}.items()},
     "unfreeze": {"auto": {"train.unfreeze": "auto"}, "always": {"train.unfreeze": "always"}},
     "pairs": {"never": {"train.unfreeze": "never"}, "auto": {"train.unfreeze": "auto"},
               "always": {"train.unfreeze": "always"}},
@@ -147,8 +149,8 @@ def tta_zoom(cfg: Config, seed: int = 42) -> str:
     for bcfg, unfreeze in models:
         for views in (base, base + ["zoom"]):
             folder = f"tta-{bcfg.name}-{unfreeze}-{'-'.join(views)}"
-            vcfg = _variant(cfg.replace(backbones=[bcfg]), {"train.unfreeze": unfreeze, "augment.tta": views}, seed,
-                            Path(cfg.runs_dir) / "bench" / folder)
+            overrides = {"train.unfreeze": unfreeze, "augment.tta": views, "augment.frozen_zoom": False}
+            vcfg = _variant(cfg.replace(backbones=[bcfg]), overrides, seed, Path(cfg.runs_dir) / "bench" / folder)
             _, scores = _train_and_score(vcfg)
             rows.append({"model": f"{bcfg.name} {'frozen-only' if unfreeze == 'never' else 'fine-tuned (always)'}",
                          "tta": ", ".join(views), **scores})

@@ -38,9 +38,8 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         "backbones": ([_lite(0, 160)], "one small backbone at 160 px: the photo defaults' measured model"),
         "train.unfreeze": ("never", "frozen-only: a linear probe on cached features, one forward pass per image "
                                     "and view (minutes on a CPU)"),
-        "augment.tta": (["identity", "hflip", "zoom"], "the image, its mirror and its centre crop: on cached "
-                                                       "features each view is one forward pass, and zoom raised "
-                                                       "the frozen-only hidden test of 4 of 4 models"),
+        "augment.tta": (["identity", "hflip"], "the image and its mirror; frozen-only, the folds add the centre "
+                                               "crop (augment.frozen_zoom)"),
         "ensemble.methods": (["mean"], "one model: nothing to blend, the mean is its own predictions"),
     },
     "balanced": {

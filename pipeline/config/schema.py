@@ -261,6 +261,13 @@ class AugmentConfig:
     frozen_phase: bool = False  # augment during the frozen phase too (disables the feature cache)
     resize: str = "crop"  # crop (shorter side, centre) | squash | pad: how every image becomes square
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
+    # a backbone whose folds are frozen-only (unfreeze never, auto deciding frozen-only, no unfrozen epoch)
+    # predicts through the zoom view too (the central 80%, resized back): it helped probes, not fine-tuned models
+    frozen_zoom: bool = True
+
+    def views(self, frozen_only: bool) -> list[str]:
+        """The TTA views of a model: ``tta``, plus ``zoom`` for a frozen-only one when ``frozen_zoom``."""
+        return [*self.tta, "zoom"] if frozen_only and self.frozen_zoom and "zoom" not in self.tta else list(self.tta)
 
     def validate(self, key: str) -> None:
         from pipeline.domain.transforms import TTA_VIEWS  # local import: augment imports albumentations

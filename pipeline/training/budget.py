@@ -132,19 +132,21 @@ def _seconds_per_call(fn, calls: int, rt: Runtime) -> float:
 
 
 def plan_epochs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: int, max_epochs: int,
-                budget_s: float, jobs: int = 1) -> Plan:
+                budget_s: float, jobs: int = 1, frozen_views: int | None = None) -> Plan:
     """The most unfrozen epochs (up to ``max_epochs``) whose estimated time fits ``budget_s``.
 
     Per backbone: one forward pass over the train images for the frozen features; per fold and
     unfrozen epoch, a training pass over the fold's train rows and a validation pass; per fold,
     the TTA predictions of the validation and test rows. Folds split over ``jobs`` processes.
-    The frozen-only path predicts from cached features: one pass per image and view, all folds."""
+    The frozen-only path predicts from cached features: one pass per image and view, all folds
+    (``frozen_views`` of them: ``augment.frozen_zoom`` adds one; default ``views``)."""
     valid = n_train / n_folds
     features = n_train * speeds.infer_s()
 
     def seconds(epochs: int) -> float:
         if epochs == 0:
-            return features + (n_train * (views - 1) + n_test * views) * speeds.infer_s()
+            fv = frozen_views or views
+            return features + (n_train * (fv - 1) + n_test * fv) * speeds.infer_s()
         per_epoch = (n_train - valid) * speeds.train_s() + valid * speeds.infer_s()
         per_fold = epochs * per_epoch + (valid + n_test) * views * speeds.infer_s()
         return features + per_fold * -(-n_folds // jobs)
@@ -166,14 +168,15 @@ def planned_config(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
     key = artifacts.fingerprint({"budget": minutes, "backbone": dataclasses.asdict(bcfg), "jobs": jobs,
                                  "train": dataclasses.asdict(cfg.train), "rows": [n_train, n_test],
                                  "folds": cfg.folds.n_splits, "tta": list(cfg.augment.tta),
-                                 "backbones": len(cfg.backbones)})
+                                 "frozen_zoom": cfg.augment.frozen_zoom, "backbones": len(cfg.backbones)})
     saved = artifacts.read_json(path) if path.exists() else None
     if saved is not None and saved.get("key") == key:
         plan, speeds = Plan(**saved["plan"]), Speeds(**saved["speeds"])
     else:
         speeds = measure_speeds(cfg, bcfg, spec, targets)
         plan = plan_epochs(speeds, n_train, n_test, cfg.folds.n_splits, len(cfg.augment.tta),
-                           cfg.train.unfrozen.epochs, minutes * 60 / len(cfg.backbones), jobs)
+                           cfg.train.unfrozen.epochs, minutes * 60 / len(cfg.backbones), jobs,
+                           frozen_views=len(cfg.augment.views(frozen_only=True)))
         artifacts.write_json(path, {"key": key, "plan": dataclasses.asdict(plan), "speeds": dataclasses.asdict(speeds)})
     print(plan.describe(bcfg.slug, speeds))
     unfrozen = dataclasses.replace(cfg.train.unfrozen, epochs=plan.unfrozen_epochs)
@@ -204,9 +207,11 @@ class RunCosts:
         return (screened_lrs + epochs - 1) * self.epoch_s
 
 
-def run_costs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: int) -> RunCosts:
+def run_costs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: int,
+              frozen_views: int | None = None) -> RunCosts:
+    """``frozen_views``: the frozen-only path's TTA views (``augment.frozen_zoom`` adds one; default ``views``)."""
     valid = n_train / n_folds
-    frozen = (n_train * views + n_test * views) * speeds.infer_s()
+    frozen = (n_train + n_test) * (frozen_views or views) * speeds.infer_s()
     epoch = (n_train - valid) * speeds.train_s() + valid * speeds.infer_s()
     return RunCosts(frozen, epoch, (valid + n_test) * views * speeds.infer_s(), n_folds)
 

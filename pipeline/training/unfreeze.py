@@ -18,6 +18,10 @@ in ``tuned_folds`` (``cv_untuned`` is the mean of the other folds) and records t
 its evidence under ``unfreeze``. The screening runs live in ``runs/<exp>/<id>/unfreeze/``, resume
 like any fold, and the decision is kept in ``unfreeze.json`` while fold 0's inputs and the rule
 are unchanged.
+
+A frozen-only resolution (``never``, ``auto`` deciding frozen-only, no unfrozen epoch) also adds
+the ``zoom`` view to ``augment.tta`` under ``augment.frozen_zoom``: it helped probes, not
+fine-tuned models (BENCHMARKS.md, the ``tta`` section).
 """
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ def _fixed(cfg: Config) -> Config | None:
     t = cfg.train
     if t.unfreeze == "never" or (t.unfreeze == "auto" and t.unfrozen.epochs == 0):
         return _with(cfg, epochs=0)
-    return cfg if t.unfreeze == "always" else None
+    return _frozen_views(cfg) if t.unfreeze == "always" else None
 
 
 def _decision_path(cfg: Config, bcfg: BackboneConfig):
@@ -123,7 +127,14 @@ def _with(cfg: Config, epochs: int | None = None, lr: float | None = None) -> Co
     unfrozen = cfg.train.unfrozen
     unfrozen = dataclasses.replace(unfrozen, epochs=unfrozen.epochs if epochs is None else epochs,
                                    lr=unfrozen.lr if lr is None else lr)
-    return cfg.replace(train=_decided(cfg.train, unfrozen=unfrozen))
+    return _frozen_views(cfg.replace(train=_decided(cfg.train, unfrozen=unfrozen)))
+
+
+def _frozen_views(cfg: Config) -> Config:
+    """A frozen-only config predicts through ``augment.views(frozen_only=True)`` (``zoom`` added
+    under ``augment.frozen_zoom``); any other config is returned as it is."""
+    views = cfg.augment.views(cfg.train.unfrozen.epochs == 0)
+    return cfg if views == cfg.augment.tta else cfg.replace(augment=dataclasses.replace(cfg.augment, tta=views))
 
 
 def _decided(train, **changes):
