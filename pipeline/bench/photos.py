@@ -25,7 +25,7 @@ import yaml
 from pipeline.bench.quality import solution_targets
 from pipeline.config.paths import Paths
 from pipeline.config.presets import PRESETS
-from pipeline.config.schema import Config, config_from_dict, dump_config
+from pipeline.config.schema import BackboneConfig, Config, config_from_dict, dump_config
 from pipeline.core import artifacts
 from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.domain.metrics import get_metric
@@ -137,8 +137,6 @@ def tta_zoom(cfg: Config, seed: int = 42) -> str:
     """Markdown: the config's TTA views against the same plus ``zoom``, side by side: the first
     backbone frozen-only and fine-tuned (``always``), and ``ZOOM_MEMBERS`` (bundled, at the first
     backbone's size) frozen-only; CV, hidden test, the train stage's wall time."""
-    from pipeline.config.schema import BackboneConfig
-
     base = list(cfg.augment.tta)
     if "zoom" in base:
         base.remove("zoom")
