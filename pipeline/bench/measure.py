@@ -1,4 +1,5 @@
-"""Measurements the benchmark sections share: a training step, inference, the frozen phase, peak memory."""
+"""Measurements the benchmark sections share: a training step, inference, the frozen phase, peak memory;
+and what a section needs to run at all (:class:`CannotRun`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config.paths import Paths
 from pipeline.config.schema import BackboneConfig, Config, PhaseConfig
+from pipeline.core.errors import PipelineError
 from pipeline.domain.tasks import TaskSpec
 from pipeline.engine.backbones import create_backbone
 from pipeline.engine.fit import (
@@ -27,6 +30,26 @@ from pipeline.engine.fit import (
 )
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class CannotRun(PipelineError):
+    """A section that cannot run where it is asked (no GPU, no hidden test labels, no Ray): the
+    message says why in one line; ``run_bench`` prints it and writes no block for the section."""
+
+
+def solution_path(cfg: Config) -> Path:
+    """The hidden test labels the quality sections score against: ``solution.csv`` beside the
+    sample submission (the demo data and the development sets have one; a competition does not)."""
+    return Paths(cfg).sample_submission.parent / "solution.csv"
+
+
+def require_hidden_labels(cfg: Config) -> Path:
+    """``solution_path(cfg)``, or :class:`CannotRun` where it does not exist."""
+    path = solution_path(cfg)
+    if not path.is_file():
+        raise CannotRun(f"it scores on the hidden test labels, and {path} does not exist; run it on a set that has "
+                        f"them (the demo data, or CONFIG=configs/scenes.yaml)")
+    return path
 
 
 def _timed(fn, repeats: int) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench.measure import require_hidden_labels
 from pipeline.config.paths import Paths
 from pipeline.config.schema import Config, TrainConfig
 from pipeline.core import artifacts
@@ -120,14 +121,11 @@ def bench_lpft(cfg: Config, folds: tuple[int, ...] = (0, 1, 2)) -> str:
 
 
 def solution_targets(cfg: Config, spec, test) -> np.ndarray:
-    """The hidden test labels (``solution.csv`` beside the sample submission) in the test's order."""
-    from pipeline.core.errors import PipelineError
+    """The hidden test labels (``solution.csv`` beside the sample submission) in the test's order;
+    :class:`~pipeline.bench.measure.CannotRun` where the data has none."""
     from pipeline.data.tables import read_csv, require_columns
 
-    path = Paths(cfg).sample_submission.parent / "solution.csv"
-    if not path.exists():
-        raise PipelineError(f"the finetune benchmark scores the test set against {path}, which does not exist; "
-                            f"run it on a data set with its test labels (configs/scenes.yaml, configs/demo.yaml)")
+    path = require_hidden_labels(cfg)
     id_col = cfg.data.id_column
     solution = read_csv(path, "solution file")
     require_columns(solution, [id_col, *cfg.data.target_columns], path, "data.target_columns")
