@@ -10,10 +10,12 @@ FROM ?=
 DATA ?=
 NAME ?=
 BUDGET ?=
+SETS ?=
+RECIPES ?=
 RUN = $(PYTHON) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install init demo-data folds all pretrain train-folds lr-find tune ensemble label-issues pseudo predict bundle leaderboard submit lb-sync bench demo test clean
+.PHONY: help install init demo-data folds all pretrain train-folds lr-find tune ensemble label-issues pseudo predict bundle leaderboard submit lb-sync bench bench-suite demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
@@ -78,6 +80,9 @@ lb-sync: .venv/.installed ## read public LB scores from kaggle into the leaderbo
 
 bench: .venv/.installed ## speed ratios, tuned vs default LRs, LP-FT, finetune (CONFIG=configs/scenes.yaml ARGS="--sections finetune") -> BENCHMARKS.md
 	$(RUN) bench -c $(CONFIG) $(ARGS)
+
+bench-suite: .venv/.installed ## anchor, fast and budget on every devdata set (SETS=a,b RECIPES=... BUDGET=10) -> benchmarks/suite.csv
+	$(RUN) bench -c $(CONFIG) --sections suite $(if $(SETS),--sets $(SETS)) $(if $(RECIPES),--recipes $(RECIPES)) $(if $(BUDGET),--budget $(BUDGET)) $(ARGS)
 
 demo: .venv/.installed ## the whole pipeline on the digits demo data
 	@mkdir -p runs && rm -f runs/.demo_started && { [ -d runs/demo ] || date +%s > runs/.demo_started; }

@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default="speed,tune,lpft",
                    help="comma-separated: speed (ratios), tune (tuned vs default LRs), lpft (linear probe), "
                         "finetune (fine-tuning vs the frozen head and train.keep on the hidden test labels; "
-                        "run it with CONFIG=configs/scenes.yaml)")
+                        "run it with CONFIG=configs/scenes.yaml), suite (anchor, fast, budget on the devdata sets)")
+    p.add_argument("--data", default="../shared/devdata", help="suite: the folder of competitions")
+    p.add_argument("--sets", default=None, help="suite: comma-separated set names (default: all four)")
+    p.add_argument("--recipes", default=None, help="suite: comma-separated of anchor, fast, budget")
+    p.add_argument("--budget", type=float, default=10.0, help="suite: the budget recipe's minutes")
     return parser
 
 
@@ -204,8 +208,10 @@ def run(args: argparse.Namespace) -> Path | None:
         return run_score(cfg, args.file, args.solution)
     if args.command == "bench":
         from pipeline.bench.report import run_bench
+        from pipeline.bench.suite import SuiteOptions, options_from_words
+        suite = options_from_words(SuiteOptions(), args.data, args.sets, args.recipes, args.budget)
         return run_bench(cfg, quick=args.quick, output=args.output,
-                         sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()))
+                         sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()), suite=suite)
     raise PipelineError(f"unknown command {args.command}")
 
 
