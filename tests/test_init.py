@@ -61,9 +61,12 @@ def test_init_infers_each_layout_and_task(workdir, case):
     assert "\n#     image_size: 96 " in path.read_text()  # 8x8 digits: the smallest size allowed, commented
     assert cfg.train.linear_probe and cfg.train.freeze_bn and cfg.augment.tta == ["identity", "hflip"]
     assert cfg.augment.train == [{"name": "HorizontalFlip", "p": 0.5}]
-    assert cfg.folds.strategy == "stratified" and d.group_column is None
     text = path.read_text()
-    assert (f"# group_column: {GROUP_COLUMN}" in text) == (layout == "csv")  # offered, commented
+    if layout == "csv":  # a column named like groups (writer): set, and no writer spans two folds
+        assert d.group_column == GROUP_COLUMN and f"  group_column: {GROUP_COLUMN}" in text
+        assert cfg.folds.strategy == ("stratified_group" if task in ("binary", "multiclass") else "group")
+    else:
+        assert cfg.folds.strategy == "stratified" and d.group_column is None
     assert "evaluation page" in text and "weights: hub" in text  # the metric's caveat; the hub alternative
     if task == "binary":
         train = pd.read_csv(root / "train.csv") if layout == "csv" else None

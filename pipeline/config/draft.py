@@ -55,7 +55,8 @@ class Draft:
     test_dir: str = "test"
     sample_submission: str = "sample_submission.csv"
     positive_class: Optional[str] = None
-    group_column: Optional[str] = None  # written as a commented line: a column that looks like groups
+    group_column: Optional[str] = None  # a column that looks like groups: offered as a commented line
+    use_groups: bool = False  # its name says groups (patient, group, ...): set, with group folds
     n_splits: int = 5
     submission_format: str = "auto"
     source: str = ""  # the command that wrote the file, for the header
@@ -165,7 +166,9 @@ def _data(out: _Lines, d: Draft) -> None:
     out.key(1, "target_columns", d.target_columns, d.why.get("data.target_columns", ""))
     if d.task == "binary":
         out.key(1, "positive_class", d.positive_class, d.why.get("data.positive_class", "the class pred is P() of"))
-    if d.group_column:
+    if d.group_column and d.use_groups:
+        out.key(1, "group_column", d.group_column, d.why.get("data.group_column", "its name says groups"))
+    elif d.group_column:
         out.add(f"  # group_column: {_value(d.group_column)}", d.why.get("data.group_column", "looks like groups"))
         out.note(1, "with it set, use folds.strategy: stratified_group (or group), so no group spans two folds")
 
@@ -176,8 +179,12 @@ def _folds(out: _Lines, d: Draft) -> None:
     out.key(1, "n_splits", d.n_splits, d.why.get("folds.n_splits", "k-fold: every train row is validated once"))
     strategy_why = {"regression": "quantile bins of the target kept alike in every fold",
                     "multilabel": "iterative stratification: each label's share kept in every fold"}
-    out.key(1, "strategy", f.strategy, strategy_why.get(d.task, "class balance kept in every fold")
-            + ("; stratified_group with data.group_column" if d.group_column else ""))
+    if d.group_column and d.use_groups:
+        grouped = "stratified_group" if d.task in ("binary", "multiclass") else "group"
+        out.key(1, "strategy", grouped, f"no {d.group_column} spans two folds: folds that split one are optimistic")
+    else:
+        out.key(1, "strategy", f.strategy, strategy_why.get(d.task, "class balance kept in every fold")
+                + ("; stratified_group with data.group_column" if d.group_column else ""))
     out.key(1, "seed", f.seed)
 
 

@@ -22,7 +22,7 @@ from pipeline.config.paths import Paths
 from pipeline.config.schema import ID_PATTERN, config_from_dict
 from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError
-from pipeline.data.inspect import Competition, image_size, inspect_competition, parse_given
+from pipeline.data.inspect import GROUP_HINTS, Competition, image_size, inspect_competition, parse_given
 from pipeline.data.report import REPORT_MD, find, write_report
 from pipeline.data.scan import scan_images
 
@@ -42,10 +42,14 @@ def _draft(comp: Competition, name: str, root: str, size: int, size_why: str, so
     if len(comp.group_columns) > 1:
         why["data.group_column"] += f" (also: {', '.join(comp.group_columns[1:])})"
     layout = comp.layout
+    group = (comp.group_columns or [None])[0]
+    use_groups = group is not None and any(h in group.lower() for h in GROUP_HINTS)
+    if use_groups:
+        why["data.group_column"] += "; its name says groups, so the folds keep each together"
     return Draft(name=name, root=root, task=comp.task, id_column=comp.id_column, target_columns=comp.target_columns,
                  metric=comp.metric, image_size=size, train_csv=layout.train_csv, train_dir=layout.train_dir,
                  test_dir=layout.test_dir, sample_submission=layout.sample_submission,
-                 positive_class=comp.positive_class, group_column=(comp.group_columns or [None])[0],
+                 positive_class=comp.positive_class, group_column=group, use_groups=use_groups,
                  n_splits=comp.n_splits, submission_format=comp.submission_format, source=source,
                  why=why)
 
