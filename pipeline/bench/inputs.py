@@ -366,23 +366,28 @@ def _side(cfg: Config) -> str:
         return f"{im.size[0]}px" if im.size[0] == im.size[1] else f"{im.size[0]}x{im.size[1]}px"
 
 
-def gpu_rows(cfg: Config, bench_dir: Path, seconds: float = 20.0) -> list[tuple] | None:
-    """Absolute images/s on CUDA; None (and a line saying so) without a GPU."""
-    if not torch.cuda.is_available():
-        print("--sections gpu: no GPU found (torch.cuda.is_available() is False); nothing measured")
-        return None
-    from pipeline.bench.measure import bench_inference, bench_train_step
+GPU_MODELS = (("efficientnet_lite0", 224), ("convnext_tiny", 224))
 
+
+def gpu_rows(cfg: Config, bench_dir: Path, *, models: tuple[tuple[str, int], ...] = GPU_MODELS, side: int = 500,
+             steps: int = 10, repeats: int = 3) -> list[tuple]:
+    """Absolute images/s on CUDA for each (timm name, px) of ``models``, synthetic (``steps``
+    batches, best of ``repeats``) and through the real loader over ``side`` px JPEG copies;
+    :class:`~pipeline.bench.measure.CannotRun` without a GPU."""
+    from pipeline.bench.measure import CannotRun, bench_inference, bench_train_step
+
+    if not torch.cuda.is_available():
+        raise CannotRun("no GPU found (torch.cuda.is_available() is False)")
     runs, out = bench_dir / "runs", []
-    big = scaled_copy(cfg, 500, bench_dir / "images-500px")
-    for name, size in (("efficientnet_lite0", 224), ("convnext_tiny", 224)):
+    big = scaled_copy(cfg, side, bench_dir / f"images-{side}px")
+    for name, size in models:
         for amp in ("bf16", "fp16"):
             c = cfg.replace(train=dataclasses.replace(cfg.train, amp_dtype=amp))
             setting = f"{name} {size}px batch {c.train.batch_size}, AMP {amp}, channels_last"
-            r = bench_train_step(c, name, size, c.train.batch_size, 10, 3)
+            r = bench_train_step(c, name, size, c.train.batch_size, steps, repeats)
             out.append((f"train step, synthetic ({name}, {amp})", r["pipeline_img_s"], "-",
                         f"{r['pipeline_img_s']:.0f} img/s (bare {r['bare_img_s']:.0f})", setting))
-            r = bench_inference(c, name, size, 2 * c.train.batch_size, 10, 3, ["identity"])
+            r = bench_inference(c, name, size, 2 * c.train.batch_size, steps, repeats, ["identity"])
             out.append((f"inference, synthetic ({name}, {amp})", r["pipeline_img_s"], "-",
                         f"{r['pipeline_img_s']:.0f} img/s (bare {r['bare_img_s']:.0f})", setting))
             big_c = big.replace(train=c.train, backbones=[dataclasses.replace(c.backbones[0], name=name,
@@ -392,7 +397,7 @@ def gpu_rows(cfg: Config, bench_dir: Path, seconds: float = 20.0) -> list[tuple]
             out.append((f"train epoch through the real loader, cache on ({name}, {amp})", r["pipeline_img_s"], "-",
                         f"{r['pipeline_img_s']:.0f} img/s vs bare {r['bare_img_s']:.0f}: "
                         f"{r['pipeline_img_s'] / r['bare_img_s']:.2f}", f"{setting}, {r['workers']} workers, "
-                                                                        f"{r['images']} 500px JPEGs"))
+                                                                        f"{r['images']} {side}px JPEGs"))
             p = bench_predict(trainer, ("identity", "hflip"), 2)
             out.append((f"prediction with 2 TTA views through the real loader ({name}, {amp})",
                         p["pipeline_img_s"] * p["views"], "-",

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline.bench.measure import CannotRun, require_hidden_labels
 from pipeline.bench.quality import solution_targets
 from pipeline.config.paths import Paths
 from pipeline.config.presets import PRESETS
@@ -96,6 +97,7 @@ def recipe_runs(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44)
                 tag: str = "") -> pd.DataFrame:
     """Per recipe and seed: CV, hidden test, the train stage's wall time and ``auto``'s decision.
     ``data``: ``data.*`` overrides (another data set); ``tag`` names its runs folders."""
+    require_hidden_labels(cfg)
     rows = []
     for name, overrides in RECIPES[section].items():
         for seed in SEEDS.get((section, name), seeds):
@@ -133,16 +135,19 @@ def run_recipes(cfg: Config, section: str, seeds: tuple[int, ...] = (42, 43, 44)
 ZOOM_MEMBERS = ("efficientnet_lite1", "efficientnet_lite2")  # other bundled backbones, frozen-only
 
 
-def tta_zoom(cfg: Config, seed: int = 42) -> str:
+def tta_zoom(cfg: Config, seed: int = 42, members: tuple[str, ...] | None = None) -> str:
     """Markdown: the config's TTA views against the same plus ``zoom``, side by side: the first
-    backbone frozen-only and fine-tuned (``always``), and ``ZOOM_MEMBERS`` (bundled, at the first
-    backbone's size) frozen-only; CV, hidden test, the train stage's wall time."""
+    backbone frozen-only and fine-tuned (``always``), and ``members`` (timm names, default
+    ``ZOOM_MEMBERS``; bundled, at the first backbone's size) frozen-only; CV, hidden test, the train
+    stage's wall time."""
+    require_hidden_labels(cfg)
+    members = ZOOM_MEMBERS if members is None else members
     base = list(cfg.augment.tta)
     if "zoom" in base:
         base.remove("zoom")
     first = cfg.backbones[0]
     models = [(first, "never"), (first, "always")] + [
-        (BackboneConfig(name=name, weights="bundled", image_size=first.image_size), "never") for name in ZOOM_MEMBERS]
+        (BackboneConfig(name=name, weights="bundled", image_size=first.image_size), "never") for name in members]
     rows = []
     for bcfg, unfreeze in models:
         for views in (base, base + ["zoom"]):
@@ -167,6 +172,27 @@ def tta_zoom(cfg: Config, seed: int = 42) -> str:
     return "\n".join(lines)
 
 
+def _require_train_csv(cfg: Config, what: str) -> None:
+    if cfg.data.train_csv is None:
+        raise CannotRun(f"it {what} in a train CSV, and {Paths(cfg).train_dir} is read from class sub-folders "
+                        f"(data.train_csv: null)")
+
+
+def _require_classes(cfg: Config, pairs: dict[str, tuple[str, str]]) -> None:
+    """CannotRun unless the data has hidden labels, a train CSV and every class of ``pairs``."""
+    from pipeline.core.errors import first_few
+    from pipeline.data.tables import read_train_table
+
+    require_hidden_labels(cfg)
+    _require_train_csv(cfg, "cuts two-class sets")
+    found = set(read_train_table(cfg, check_readable=False)[cfg.data.target_columns[0]])
+    missing = sorted({c for pair in pairs.values() for c in pair} - found)
+    if missing:
+        raise CannotRun(f"its pairs ({', '.join(' and '.join(p) for p in pairs.values())}) are cut from the scene "
+                        f"photos (CONFIG=configs/scenes.yaml), and {Paths(cfg).train_csv} has no class "
+                        f"{first_few(missing)}")
+
+
 def _class_subset(cfg: Config, classes: tuple[str, ...], folder: Path) -> dict:
     """The rows of ``classes`` only, train and hidden test: their train.csv, sample_submission.csv
     and solution.csv in ``folder`` (the images stay where they are). Returns the ``data.*``
@@ -185,11 +211,15 @@ def _class_subset(cfg: Config, classes: tuple[str, ...], folder: Path) -> dict:
     return _data_in(paths, folder, "sample_submission.csv")
 
 
-def unfreeze_pairs(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
-    """Markdown: never, auto and always on two-class sets cut from the photos (``PAIRS``), per seed,
-    then what ``auto`` saved against ``always`` and what it scored against it."""
+def unfreeze_pairs(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44),
+                   pairs: dict[str, tuple[str, str]] | None = None) -> str:
+    """Markdown: never, auto and always on two-class sets cut from the photos (``pairs``: tag ->
+    two classes, default ``PAIRS``), per seed, then what ``auto`` saved against ``always`` and what
+    it scored against it."""
+    pairs = PAIRS if pairs is None else pairs
+    _require_classes(cfg, pairs)
     parts = []
-    for tag, classes in PAIRS.items():
+    for tag, classes in pairs.items():
         data = _class_subset(cfg, classes, Path(cfg.runs_dir) / "bench" / f"pairs-{tag}-data")
         frame = recipe_runs(cfg, "pairs", seeds, data, f"-{tag}")
         means = frame.groupby("recipe")[["test", "seconds"]].mean()
@@ -215,6 +245,7 @@ def cpu_layout(cfg: Config) -> str:
     from pipeline.engine import fit
     from pipeline.stages.train import run_train
 
+    require_hidden_labels(cfg)
     layouts = {"before": (False, 1 << 62), "now": (True, fit.CPU_PASS_PIXELS)}
     modes = {"frozen-only, every fold": ({"train.unfreeze": "never"}, None),
              "fold 0: probe + 1 unfrozen epoch": ({"train.unfreeze": "always", "train.unfrozen.epochs": 1}, 0)}
@@ -259,6 +290,7 @@ def feature_ensemble(cfg: Config, members: tuple[str, ...] = ("efficientnet_lite
     from pipeline.stages.train import run_train
     from pipeline.training.trainer import FoldJob, FoldTrainer
 
+    require_hidden_labels(cfg)
     rows = []
     for seed in seeds:
         root = Path(cfg.runs_dir) / "bench" / f"features-s{seed}"
@@ -298,7 +330,7 @@ def feature_ensemble(cfg: Config, members: tuple[str, ...] = ("efficientnet_lite
         concat = {key: torch.cat([feats[m][key] for m in members], dim=1) for key in feats[members[0]]}
         loss_fn = make_loss(spec, base.train)
         oof, test_sum = np.zeros((len(table), spec.num_outputs)), []
-        y_t = torch.as_tensor(y)
+        y_t = torch.as_tensor(np.array(y))  # a copy: the encoded labels may be read-only
         for k in range(cfg.folds.n_splits):
             tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
             weight, bias, _ = fit_linear_probe(spec, loss_fn, [concat[v, False][tr] for v in probe_views], y_t[tr],
@@ -354,6 +386,8 @@ def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int 
 
     from pipeline.stages.label_issues import run_label_issues
 
+    require_hidden_labels(cfg)
+    _require_train_csv(cfg, "flips labels")
     base = Path(cfg.runs_dir) / "bench" / f"labels-flip{flip_seed}"
     frozen = {"train.unfreeze": "never"}
     data, planted = _flipped_copy(cfg, base / "data", share, flip_seed)
@@ -402,11 +436,11 @@ def label_noise(cfg: Config, share: float = 0.05, flip_seed: int = 0, seed: int 
     return "\n".join(lines)
 
 
-def _preset_variant(cfg: Config, preset: str, seed: int, root: Path) -> Config:
-    """The experiment's resolved settings with ``preset``, less every key the preset sets (so the
-    preset's value applies, not the experiment's), in its own runs folder."""
+def _preset_variant(cfg: Config, preset: str, seed: int, root: Path, keep: tuple[str, ...] = ()) -> Config:
+    """The experiment's resolved settings with ``preset``, less every key the preset sets but those
+    in ``keep`` (so the preset's value applies, not the experiment's), in its own runs folder."""
     raw = yaml.safe_load(dump_config(cfg))
-    for dotted in PRESETS[preset]:
+    for dotted in (key for key in PRESETS[preset] if key not in keep):
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -419,20 +453,23 @@ def _preset_variant(cfg: Config, preset: str, seed: int, root: Path) -> Config:
     return config_from_dict(raw)
 
 
-def bench_presets(cfg: Config, presets: tuple[str, ...] = tuple(PRESETS), seed: int = 42) -> str:
+def bench_presets(cfg: Config, presets: tuple[str, ...] = tuple(PRESETS), seed: int = 42,
+                  keep: tuple[str, ...] = ()) -> str:
     """Markdown: per preset, the whole run (folds -> train -> ensemble -> leaderboard) in a fresh
     runs folder: its models, the leaderboard's pick (the best honest score: nested CV for a blend,
     the fold mean for a model) with that score, the pick's submission scored on the hidden test
-    labels (``solution.csv``) and the wall time, stage by stage."""
+    labels (``solution.csv``) and the wall time, stage by stage. ``keep``: keys a preset sets
+    (``"backbones"``) that keep the experiment's value instead (a smaller run)."""
     from pipeline.ensembles.scores import collect
     from pipeline.stages.ensemble import run_ensemble
     from pipeline.stages.leaderboard import run_leaderboard
     from pipeline.stages.submit import run_score
     from pipeline.stages.train import run_train
 
+    require_hidden_labels(cfg)
     rows = []
     for preset in presets:
-        vcfg = _preset_variant(cfg, preset, seed, Path(cfg.runs_dir) / "bench" / f"presets-{preset}-s{seed}")
+        vcfg = _preset_variant(cfg, preset, seed, Path(cfg.runs_dir) / "bench" / f"presets-{preset}-s{seed}", keep)
         seconds = {}
         for stage, run in (("folds", run_folds), ("train", run_train), ("ensemble", run_ensemble),
                            ("leaderboard", run_leaderboard)):

@@ -184,6 +184,7 @@ def bench_finetune(cfg: Config, seeds: tuple[int, ...] = (42, 43, 44)) -> str:
     from pipeline.data.tables import read_test_table
     from pipeline.engine.fit import score
 
+    require_hidden_labels(cfg)
     t = cfg.train
     base = _bench_config(cfg, "bench_finetune", dataclasses.replace(t, keep="swa"))
     per_fold = ["| seed | fold | frozen head | each unfrozen epoch | kept by best | first 10 unfrozen batch losses "

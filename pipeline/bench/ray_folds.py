@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.measure import CannotRun
 from pipeline.config.schema import BackboneConfig, Config
+from pipeline.core.errors import PipelineError
 from pipeline.data.tables import read_folds, read_test_table, task_spec
 from pipeline.stages.folds import run_folds
 from pipeline.stages.train import run_train
@@ -76,10 +78,14 @@ def _median(values) -> float:
 
 
 def bench_ray(cfg: Config, folds: int = 4) -> str:
-    """The Ray executor against one local process on a local 2-node cluster (Markdown)."""
+    """The Ray executor against one local process on a local 2-node cluster (Markdown);
+    :class:`~pipeline.bench.measure.CannotRun` where ray is not installed."""
     if "ray" not in sys.modules:  # the nodes on 127.0.0.1: nothing leaves the machine (read when ray is imported)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = ray_module()
+    try:
+        ray = ray_module()
+    except PipelineError:
+        raise CannotRun("ray is not installed (pip install -e '.[scale]')") from None
     from ray.cluster_utils import Cluster
 
     root = Path(cfg.runs_dir) / "bench" / "ray"
