@@ -347,13 +347,34 @@ def _mean(scores) -> float | None:
     return _finite(np.nanmean(scores))
 
 
+POSTPROCESS_ALPHA = 0.05  # one-sided bootstrap p of no gain that post-processing needs to be applied
+POSTPROCESS_RESAMPLES = 1000
+
+
+def paired_metric_p(metric: Metric, task: str, y: np.ndarray, base: np.ndarray, new: np.ndarray,
+                    seed: int = 0) -> float:
+    """One-sided bootstrap p-value that ``new`` predictions score no better than ``base`` on the
+    metric: rows resampled with their pairs kept together, the metric recomputed on each resample
+    (a tie counts half; an undefined resample counts as no gain)."""
+    rng = np.random.default_rng(seed)
+    sign = 1.0 if metric.greater_is_better else -1.0
+    losses = 0.0
+    for _ in range(POSTPROCESS_RESAMPLES):
+        rows = rng.integers(0, len(y), len(y))
+        gain = sign * (score(metric, task, y[rows], new[rows]) - score(metric, task, y[rows], base[rows]))
+        losses += 0.5 if gain == 0 else float(not gain > 0)  # NaN: no gain
+    return losses / POSTPROCESS_RESAMPLES
+
+
 def run_method(method: str, inputs: Inputs, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict, dict]:
     """OOF predictions, test predictions, the ``cv.json`` and the ``params.json`` of one method.
 
     With ``ensemble.postprocess: auto`` and a metric that decisions score, the post-processing is
     fitted on all OOF rows for the submission and scored by nested CV; it is applied (to
     ``oof.csv``, ``test.csv`` and the submission) when that nested score beats the plain one, and
-    ``nested_cv`` is then the post-processed score, the one that matches what is submitted."""
+    ``nested_cv`` is then the post-processed score, the one that matches what is submitted.
+    "Beats" needs evidence: a higher nested CV, and a one-sided paired bootstrap over the nested
+    rows with p < ``POSTPROCESS_ALPHA`` (a gain of a row or two is noise, and lost on tests)."""
     task, metric = inputs.spec.task, inputs.metric
     kind = postprocess.choose_kind(task, metric.name) if cfg.ensemble.postprocess == "auto" else None
     full = fit_rows(method, inputs, np.arange(len(inputs.y)), cfg)
@@ -364,12 +385,16 @@ def run_method(method: str, inputs: Inputs, cfg: Config) -> tuple[np.ndarray, np
     post = None
     if kind:
         pp_folds = fold_scores(metric, task, inputs.y, nested_pp, inputs.folds)
-        applied = metric.better(np.nanmean(pp_folds), np.nanmean(nested_folds))
+        plain = nested if method in LEARNED else oof
+        p_value = paired_metric_p(metric, task, inputs.y, plain, nested_pp)
+        applied = metric.better(np.nanmean(pp_folds), np.nanmean(nested_folds)) and p_value < POSTPROCESS_ALPHA
         fitted = postprocess.fit(kind, inputs.y, oof, metric, task)
         post = {"kind": kind, "applied": bool(applied), "params": fitted, "nested_cv": _mean(pp_folds),
                 "nested_folds": [_finite(x) for x in pp_folds], "nested_cv_without": _mean(nested_folds),
+                "p_value": p_value,
                 "note": "fitted on all OOF rows for the submission; nested_cv: fitted on the other folds per fold"
-                        + ("" if applied else "; not applied: it did not beat the plain nested CV")}
+                        + ("" if applied else f"; not applied: it did not beat the plain nested CV with bootstrap "
+                                              f"p < {POSTPROCESS_ALPHA} (p = {p_value:.3f})")}
         if applied:
             oof, test, nested_folds = postprocess.apply(fitted, oof), postprocess.apply(fitted, test), pp_folds
     folds = fold_scores(metric, task, inputs.y, oof, inputs.folds)
