@@ -152,12 +152,13 @@ def test_where_flock_is_unsupported_the_soft_lock_is_used(tmp_path, capsys, monk
     monkeypatch.setattr(locks, "LOCK_CLASS", NoFlock)
     target = tmp_path / "fold0"
     with locks.hold(target, "fold 0 of m", "is being trained") as first:
-        with pytest.raises(filelock.Timeout):  # the lock file is filelock's soft lock, and it is taken
-            filelock.SoftFileLock(str(locks.lock_path(target))).acquire(blocking=False)
+        with pytest.raises(filelock.Timeout):  # filelock's soft lock, at a path of its own, and it is taken
+            filelock.SoftFileLock(str(locks.soft_lock_path(target))).acquire(blocking=False)
         with locks.hold(target, "fold 0 of m", "is being trained") as second:
             assert first and not second
     assert f"by process {os.getpid()} (started " in capsys.readouterr().out
     assert not locks.lock_path(target).exists() and not locks.holder_path(target).exists()
+    assert not locks.soft_lock_path(target).exists()
 
 
 _RANK = """
