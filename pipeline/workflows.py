@@ -2,20 +2,25 @@
 ensemble -> leaderboard in one command.
 
 With a budget (``--budget``, or the config's top-level ``time_budget_min``) the run is planned
-across all backbones together instead of giving each a fixed share:
+across all backbones together instead of giving each a fixed share, cheapest sure step first:
 
-1. the frozen-only path of every backbone (a linear probe per fold on cached features: cheap, and
-   on photos near ImageNet's often as good as fine-tuning), so a complete submission exists early;
-2. then, most promising backbone first (by its frozen-only CV), the unfrozen epochs that the rest
-   of the budget allows: as many of ``train.unfrozen.epochs`` as fit for every fold, with
-   ``train.unfreeze: auto`` deciding on fold 0 whether they pay. A backbone that ``auto`` keeps
-   frozen-only spends only fold 0's screening, and the rest goes to the next backbone;
-3. the ensembles and the leaderboard over the models trained.
+1. the frozen-only path of every backbone through one view (a linear probe per fold on cached
+   features: one forward pass per image), so a complete submission exists early;
+2. most promising backbone first (by its frozen-only CV), the configured TTA views (``augment.tta``
+   plus ``zoom`` under ``augment.frozen_zoom``) for the frozen-only models, where they fit: the
+   identity features are cached, so each extra view costs one forward pass per image;
+3. then, most promising first, a fine-tuned variant ``<id>-ft`` of each backbone beside its
+   frozen-only model: as many of ``train.unfrozen.epochs`` as fit for every fold, with
+   ``train.unfreeze: auto`` deciding on fold 0 whether they pay. Fold 0 runs first and the rest
+   is re-planned from its real time: when the other folds do not fit, or ``auto`` finds no gain,
+   the variant is dropped and the time goes to the next backbone;
+4. the ensembles and the leaderboard over the models trained (frozen-only and fine-tuned side by
+   side: the blends and the leaderboard's honest scores choose between them).
 
-Estimates come from the backbones' speeds measured on this machine (the model's steps, and the
-reading of a few real image files through the train transform). What a frozen-only run took
-beyond its estimate (model creation, the probe fits) is counted again for that backbone's
-unfrozen run, which repeats it; the epochs themselves are estimated from the speeds. The plan is
+Estimates come from the backbones' speeds measured on this machine (the model's steps after
+warm-up calls, the median of several, and the reading of a few real image files through the
+train transform). What a frozen-only run took beyond its estimate (model creation, the probe
+fits) is counted again for the later runs of that backbone, which repeat it. The plan is
 printed first and kept in ``runs/<exp>/budget.json`` with the time spent, so a killed run resumes
 with the same command and the same plan (the time a killed step had spent is not counted).
 """
@@ -55,17 +60,29 @@ def run_all(cfg: Config, budget_min: float | None = None, force: bool = False) -
     return BudgetedRun(cfg, minutes).run(force)
 
 
+CHEAP_VIEWS = {"tta": ["identity"], "frozen_zoom": False}  # the first frozen-only pass: one view per image
+FINE_TUNED = "-ft"  # the fine-tuned variant's id: <id>-ft, beside the frozen-only <id>
+
+
 def _with_train(cfg: Config, **changes) -> Config:
     """``cfg`` with ``changes`` to every backbone's training (merged into each entry's own ``train``
     overrides, so that a variant's overrides cannot undo them); the whole-run plan replaces
     ``train.time_budget_min``'s per-stage plan."""
-    def merged(bcfg: BackboneConfig) -> BackboneConfig:
-        train = {**bcfg.train, "time_budget_min": None}
-        for key, value in changes.items():
-            train[key] = {**train.get(key, {}), **value} if isinstance(value, dict) else value
-        return dataclasses.replace(bcfg, train=train)
+    return cfg.replace(backbones=[_entry_with(b, train=changes) for b in cfg.backbones])
 
-    return cfg.replace(backbones=[merged(b) for b in cfg.backbones])
+
+def _entry_with(entry: BackboneConfig, train: dict | None = None, augment: dict | None = None,
+                **fields) -> BackboneConfig:
+    """``entry`` with ``train``/``augment`` changes merged into its own overrides (mappings key by
+    key), ``time_budget_min`` off (the whole run plans), and other ``fields`` replaced."""
+    def merged(own: dict, changes: dict) -> dict:
+        out = dict(own)
+        for key, value in changes.items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+        return out
+
+    return dataclasses.replace(entry, train=merged({**entry.train, "time_budget_min": None}, train or {}),
+                               augment=merged(entry.augment, augment or {}), **fields)
 
 
 class BudgetedRun:
@@ -106,9 +123,10 @@ class BudgetedRun:
         costs = self.measure()
         self.print_plan(costs)
         trained = [b for b in cfg.backbones if self.frozen_pass(b, costs[b.slug], force)]
-        for bcfg in self.by_promise(trained):
-            self.unfreeze_pass(bcfg, costs[bcfg.slug], force)
-        done = cfg.replace(backbones=trained)  # the ensembles blend the models that were trained
+        for entry in self.by_promise(trained):
+            self.views_pass(entry, costs[entry.slug], force)
+        tuned = [e for e in (self.unfreeze_pass(b, costs[b.slug], force) for b in self.by_promise(trained)) if e]
+        done = cfg.replace(backbones=[self.as_trained(b) for b in trained] + tuned)  # what the ensembles blend
         run_ensemble(done, force=force)
         board = run_leaderboard(done)
         self.save()
@@ -130,37 +148,72 @@ class BudgetedRun:
                                                                   image_paths=files)
             self.model(entry)["speeds"] = dataclasses.asdict(speeds)
             costs[entry.slug] = run_costs(speeds, len(table), len(test), cfg.folds.n_splits, len(vcfg.augment.tta),
-                                          frozen_views=len(vcfg.augment.views(frozen_only=True)))
+                                          frozen_views=1)  # frozen_s: one view; views_pass scales it
         self.save()
         return costs
 
     def print_plan(self, costs: dict[str, RunCosts]) -> None:
-        cfg, t = self.cfg, self.cfg.train
+        cfg = self.cfg
         lines = [f"time budget {self.minutes:g} min for folds, train, ensemble and leaderboard, planned across "
                  f"{len(cfg.backbones)} backbone(s) (estimates from speeds measured on this machine):",
-                 "  1. the frozen-only path of every backbone: " + ", ".join(
+                 "  1. the frozen-only path of every backbone, one view per image: " + ", ".join(
                      f"{slug} ~{c.frozen_s / 60:.1f} min" for slug, c in costs.items())]
-        if t.unfreeze == "never":
-            lines.append("  2. no unfrozen epochs (train.unfreeze: never)")
+        views = {e.slug: self.views(e) for e in cfg.backbones}
+        if any(len(v) > 1 for v in views.values()):
+            lines.append("  2. most promising first (by frozen-only CV), the frozen-only models through their TTA "
+                         "views where they fit: " + ", ".join(
+                             f"{slug} {'+'.join(views[slug])} ~{(len(views[slug]) - 1) * c.frozen_s / 60:.1f} min"
+                             for slug, c in costs.items() if len(views[slug]) > 1))
         else:
-            lrs = len(self.screened_lrs(cfg.backbones[0]))
-            how = ("fold 0 first decides whether they pay (train.unfreeze: auto)" if t.unfreeze == "auto"
-                   else "every fold (train.unfreeze: always)")
-            lines.append(f"  2. most promising first (by frozen-only CV), up to {t.unfrozen.epochs} unfrozen epochs "
-                         f"where the rest of the budget allows; {how}: " + ", ".join(
-                             f"{slug} ~{c.unfreeze_s(t.unfrozen.epochs, lrs, t.unfreeze == 'auto') / 60:.1f} min"
-                             for slug, c in costs.items()))
-        lines.append("  3. the ensembles and the leaderboard over the models trained")
+            lines.append("  2. no more TTA views (augment.tta lists one)")
+        tuning = [e for e in cfg.backbones if self.fine_tunes(e)]
+        if not tuning:
+            lines.append("  3. no fine-tuned variants (train.unfreeze: never, or no unfrozen epochs)")
+        else:
+            parts = []
+            for entry in tuning:
+                t = cfg.variant(entry)[0].train
+                seconds = costs[entry.slug].unfreeze_s(t.unfrozen.epochs, len(self.screened_lrs(entry)),
+                                                       t.unfreeze == "auto")
+                parts.append(f"{entry.slug}{FINE_TUNED} ~{seconds / 60:.1f} min for {t.unfrozen.epochs} epochs")
+            how = ("fold 0 first decides whether they pay (train.unfreeze: auto)"
+                   if any(cfg.variant(e)[0].train.unfreeze == "auto" for e in tuning) else "every fold")
+            lines.append(f"  3. then most promising first, a fine-tuned variant beside each frozen-only model, as many "
+                         f"unfrozen epochs as fit, re-planned after fold 0; {how}: " + ", ".join(parts))
+        lines.append("  4. the ensembles and the leaderboard over the models trained")
         print("\n".join(lines))
 
     def screened_lrs(self, entry: BackboneConfig) -> list[float]:
         t = self.cfg.variant(entry)[0].train
         return list(dict.fromkeys([t.unfrozen.lr, *t.unfreeze_lrs]))
 
+    def views(self, entry: BackboneConfig) -> list[str]:
+        """The TTA views of the backbone's frozen-only model as configured (``zoom`` added by
+        ``augment.frozen_zoom``)."""
+        return self.cfg.variant(entry)[0].augment.views(frozen_only=True)
+
+    def fine_tunes(self, entry: BackboneConfig) -> bool:
+        t = self.cfg.variant(entry)[0].train
+        return t.unfreeze != "never" and t.unfrozen.epochs > 0
+
+    def as_trained(self, entry: BackboneConfig) -> BackboneConfig:
+        """The entry as its frozen-only model was last trained: one view, or its TTA views."""
+        views = {} if self.model(entry).get("views_done") else CHEAP_VIEWS
+        return _entry_with(entry, train={"unfreeze": "never"}, augment=views)
+
     # ---------------------------------------------------------------- the steps
+    def _train_frozen(self, entry: BackboneConfig, force: bool) -> float:
+        """Train the entry's frozen-only model as :meth:`as_trained` says; its seconds and CV."""
+        start = time.perf_counter()
+        trained = self.as_trained(entry)
+        run_train(self.cfg.replace(backbones=[trained if b is entry else b for b in self.cfg.backbones]),
+                  backbone=entry.slug, force=force)
+        cv = artifacts.read_json(Paths(self.cfg).cv_json(entry.slug))
+        return time.perf_counter() - start, cv
+
     def frozen_pass(self, entry: BackboneConfig, costs: RunCosts, force: bool) -> bool:
-        """The backbone's frozen-only run; False when it does not fit what is left (the first
-        backbone always runs: a run without a model has nothing to submit)."""
+        """The backbone's frozen-only run through one view; False when it does not fit what is left
+        (the first backbone always runs: a run without a model has nothing to submit)."""
         step = self.model(entry)
         if "frozen_s" not in step:
             if entry is not self.cfg.backbones[0] and costs.frozen_s > self.left():
@@ -168,10 +221,7 @@ class BudgetedRun:
                 print(f"{entry.slug}: skipped: {step['skipped']} in the {max(self.left(), 0) / 60:.1f} min left")
                 self.save()
                 return False
-            start = time.perf_counter()
-            run_train(_with_train(self.cfg, unfreeze="never"), backbone=entry.slug, force=force)
-            step["frozen_s"] = time.perf_counter() - start
-            cv = artifacts.read_json(Paths(self.cfg).cv_json(entry.slug))
+            step["frozen_s"], cv = self._train_frozen(entry, force)
             step["frozen_cv"], step["greater_is_better"] = cv["cv_mean"], cv["greater_is_better"]
             self.save()
         return "frozen_cv" in step
@@ -180,41 +230,105 @@ class BudgetedRun:
         sign = {True: -1.0, False: 1.0}
         return sorted(trained, key=lambda b: sign[self.model(b)["greater_is_better"]] * self.model(b)["frozen_cv"])
 
-    def unfreeze_pass(self, entry: BackboneConfig, costs: RunCosts, force: bool) -> None:
-        vcfg = self.cfg.variant(entry)[0]
-        t, step = vcfg.train, self.model(entry)
-        if t.unfreeze == "never" or t.unfrozen.epochs == 0 or step.get("unfrozen_done"):
+    def _fixed_s(self, entry: BackboneConfig, costs: RunCosts) -> float:
+        """What the frozen-only run took beyond its estimate (model creation, probe fits): repeated
+        by every later run of the backbone."""
+        return max(self.model(entry)["frozen_s"] - costs.frozen_s, 0.0)
+
+    def views_pass(self, entry: BackboneConfig, costs: RunCosts, force: bool) -> None:
+        """The frozen-only model again through its configured TTA views, when they fit (the identity
+        features are cached: each extra view is one forward pass per image)."""
+        step, views = self.model(entry), self.views(entry)
+        if len(views) == 1 or step.get("views_done") or step.get("views_skipped"):
             return
+        estimate = self._fixed_s(entry, costs) + (len(views) - 1) * costs.frozen_s
+        if estimate > self.left():
+            step["views_skipped"] = f"{'+'.join(views)} (~{estimate / 60:.1f} min) did not fit"
+            print(f"{entry.slug}: keeps one view: {step['views_skipped']} in the {max(self.left(), 0) / 60:.1f} "
+                  f"min left")
+            self.save()
+            return
+        print(f"{entry.slug}: frozen-only through {'+'.join(views)} (~{estimate / 60:.1f} min; "
+              f"{self.left() / 60:.1f} min left)")
+        step["views_done"] = True  # as_trained now names the configured views (a killed run resumes them)
+        step["views_s"], cv = self._train_frozen(entry, force)
+        step["views_cv"] = cv["cv_mean"]
+        self.save()
+
+    def unfreeze_pass(self, entry: BackboneConfig, costs: RunCosts, force: bool) -> BackboneConfig | None:
+        """A fine-tuned variant ``<id>-ft`` beside the frozen-only model: fold 0, then the other
+        folds when the re-plan from fold 0's real time says they fit; None when it was not trained
+        or was dropped."""
+        if not self.fine_tunes(entry):
+            return None
+        t, step = self.cfg.variant(entry)[0].train, self.model(entry)
         if "epochs" not in step:  # planned once: a resumed run trains the same epochs
-            fixed = max(step["frozen_s"] - costs.frozen_s, 0.0)  # model creation, probe fits: repeated when unfrozen
-            lrs = len(self.screened_lrs(entry))
-            decides = t.unfreeze == "auto"
+            fixed, lrs, decides = self._fixed_s(entry, costs), len(self.screened_lrs(entry)), t.unfreeze == "auto"
             step["epochs"] = epochs_that_fit(costs, t.unfrozen.epochs, lrs, decides, self.left() - fixed)
             step["estimate_s"] = fixed + costs.unfreeze_s(step["epochs"], lrs, decides) if step["epochs"] else 0
             self.save()
         if step["epochs"] == 0:
             print(f"{entry.slug}: stays frozen-only: not one unfrozen epoch of every fold fits the "
                   f"{max(self.left(), 0) / 60:.1f} min left")
-            return
-        print(f"{entry.slug}: {step['epochs']} unfrozen epoch(s) per fold (~{step['estimate_s'] / 60:.1f} min; "
-              f"{self.left() / 60:.1f} min left before the ensembles)")
+            return None
+        tuned = _entry_with(entry, train={"unfrozen": {"epochs": step["epochs"]}},
+                            id=f"{entry.slug}{FINE_TUNED}", seed_group=None)
+        cfg = self.cfg.replace(backbones=[*self.cfg.backbones, tuned])
+        if step.get("dropped"):
+            return None
+        if not step.get("unfrozen_done"):
+            if not self._fold0_then_rest(entry, tuned, cfg, costs, force):
+                return None
+            cv = artifacts.read_json(Paths(cfg).cv_json(tuned.slug))
+            step.update(unfrozen_done=True, cv=cv["cv_mean"])
+            self.save()
+        return tuned
+
+    def _fold0_then_rest(self, entry: BackboneConfig, tuned: BackboneConfig, cfg: Config, costs: RunCosts,
+                         force: bool) -> bool:
+        step = self.model(entry)
+        print(f"{tuned.slug}: {step['epochs']} unfrozen epoch(s) per fold (~{step['estimate_s'] / 60:.1f} min; "
+              f"{self.left() / 60:.1f} min left before the ensembles); fold 0 first")
         start = time.perf_counter()
-        run_train(_with_train(self.cfg, unfrozen={"epochs": step["epochs"]}), backbone=entry.slug, force=force)
-        cv = artifacts.read_json(Paths(self.cfg).cv_json(entry.slug))
-        step.update(unfrozen_done=True, unfrozen_s=time.perf_counter() - start, cv=cv["cv_mean"],
-                    unfroze=bool((cv.get("unfreeze") or {"unfreeze": t.unfreeze == "always"})["unfreeze"]))
+        run_train(cfg, backbone=tuned.slug, fold=0, force=force)
+        fold0_s = step.setdefault("fold0_s", time.perf_counter() - start)
         self.save()
+        decision = Paths(cfg).backbone_dir(tuned.slug) / "unfreeze.json"
+        if decision.exists() and not artifacts.read_json(decision)["decision"]["unfreeze"]:
+            return self._drop(entry, f"fold 0 found no gain in fine-tuning (train.unfreeze: auto; {decision})")
+        # fold 0 also computed the features of every image (about one frozen-only pass) and made the model
+        per_fold = max(fold0_s - costs.frozen_s - self._fixed_s(entry, costs),
+                       step["epochs"] * costs.epoch_s + costs.predict_s)
+        rest_s = per_fold * (costs.n_folds - 1)
+        if rest_s > self.left():
+            return self._drop(entry, f"fold 0 took {fold0_s / 60:.1f} min, so the other {costs.n_folds - 1} folds "
+                                     f"(~{rest_s / 60:.1f} min) do not fit the {max(self.left(), 0) / 60:.1f} min left")
+        print(f"{tuned.slug}: fold 0 took {fold0_s / 60:.1f} min; the other folds ~{rest_s / 60:.1f} min")
+        start = time.perf_counter()
+        run_train(cfg, backbone=tuned.slug, force=force)
+        step["unfrozen_s"] = fold0_s + time.perf_counter() - start
+        return True
+
+    def _drop(self, entry: BackboneConfig, why: str) -> bool:
+        step = self.model(entry)
+        step["dropped"] = why
+        print(f"{entry.slug}{FINE_TUNED}: dropped: {why}; {entry.slug} stays frozen-only")
+        self.save()
+        return False
 
     def summary(self, trained: list[BackboneConfig]) -> str:
         parts = []
         for entry in trained:
             step = self.model(entry)
+            views = "+".join(self.views(entry)) if step.get("views_done") else "identity"
+            minutes = (step["frozen_s"] + step.get("views_s", 0)) / 60
+            part = f"{entry.slug}: frozen-only through {views}, {minutes:.1f} min"
             if step.get("unfrozen_done"):
-                how = (f"fine-tuned {step['epochs']} epoch(s)" if step["unfroze"]
-                       else "frozen-only (fold 0 found no gain)")
-                parts.append(f"{entry.slug}: {how}, {(step['frozen_s'] + step['unfrozen_s']) / 60:.1f} min")
-            else:
-                parts.append(f"{entry.slug}: frozen-only, {step['frozen_s'] / 60:.1f} min")
+                part += f"; {entry.slug}{FINE_TUNED}: fine-tuned {step['epochs']} epoch(s), " \
+                        f"{step['unfrozen_s'] / 60:.1f} min"
+            elif step.get("dropped"):
+                part += f"; {entry.slug}{FINE_TUNED} dropped"
+            parts.append(part)
         used = self.elapsed()
         return (f"time budget: used {used / 60:.1f} of {self.minutes:g} min ({100 * used / self.budget_s:.0f}%): "
                 + "; ".join(parts) + f" -> {self.path}")

@@ -88,6 +88,58 @@ def test_the_frozen_runs_time_beyond_its_estimate_is_counted_again_for_the_unfro
     assert planned[400.0]["epochs"] == 1 and planned[400.0]["estimate_s"] == pytest.approx(300 + 150)
 
 
+class _Clock:
+    """A fake perf_counter that the fake stages move forward."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_fine_tuned_variant_whose_other_folds_do_not_fit_after_fold_0_is_dropped(make_config, monkeypatch):
+    """Fold 0 took far longer than planned: the re-plan from its real time drops the variant before
+    the other folds train, and the frozen-only model stays the backbone's model."""
+    cfg = make_config("train.unfreeze=always", "train.unfrozen.epochs=3")
+    entry = cfg.backbones[0]
+    costs = RunCosts(frozen_s=10.0, epoch_s=10.0, predict_s=0.0, n_folds=5)  # planned: 3 epochs, ~160 s
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(workflows.time, "perf_counter", clock)
+
+    def fake_train(cfg, backbone=None, fold=None, force=False):
+        calls.append((backbone, fold))
+        clock.now += 250.0  # fold 0 alone: 250 s, so four more folds would need about 1000 s
+
+    monkeypatch.setattr(workflows, "run_train", fake_train)
+    run = workflows.BudgetedRun(cfg, minutes=10)
+    run.state["models"] = {entry.slug: {"frozen_s": 10.0, "frozen_cv": 0.5, "greater_is_better": True}}
+    assert run.unfreeze_pass(entry, costs, force=False) is None
+    assert calls == [(f"{entry.slug}-ft", 0)]  # the other folds never started
+    step = run.model(entry)
+    assert step["epochs"] == 3 and "do not fit" in step["dropped"]
+    assert run.unfreeze_pass(entry, costs, force=False) is None and len(calls) == 1  # resumed: still dropped
+
+
+def test_views_are_added_where_they_fit_and_skipped_where_not(make_config, monkeypatch):
+    cfg = make_config("augment.tta=[identity,hflip]", "augment.frozen_zoom=true")
+    entry = cfg.backbones[0]
+    trained = []
+    monkeypatch.setattr(workflows.BudgetedRun, "_train_frozen",
+                        lambda self, e, force: (trained.append(self.as_trained(e)) or 1.0, {"cv_mean": 0.6}))
+    for frozen_s, fits in ((10.0, True), (400.0, False)):  # per view; two more views: 20 s or 800 s
+        trained.clear()
+        run = workflows.BudgetedRun(cfg, minutes=10)
+        run.state["models"] = {entry.slug: {"frozen_s": frozen_s, "frozen_cv": 0.5, "greater_is_better": True}}
+        run.views_pass(entry, RunCosts(frozen_s=frozen_s, epoch_s=1.0, predict_s=0.0, n_folds=5), force=False)
+        assert bool(trained) is fits and bool(run.model(entry).get("views_done")) is fits
+        if fits:
+            assert trained[0].augment == {} and trained[0].train["unfreeze"] == "never"  # the configured views
+        else:
+            assert "did not fit" in run.model(entry)["views_skipped"]
+            assert run.as_trained(entry).augment == workflows.CHEAP_VIEWS
+
+
 def _speeds(train_img_s: float):
     return lambda cfg, bcfg, spec, targets, **how: Speeds(train_img_s=train_img_s, infer_img_s=1000.0)
 
@@ -104,12 +156,16 @@ def test_a_generous_budget_runs_frozen_first_then_unfreezes_in_cv_order(make_con
     state = json.loads((Paths(cfg).exp_dir / "budget.json").read_text())
     for slug in ("test_efficientnet", "test_resnet"):
         step = state["models"][slug]
-        assert step["epochs"] == 1 and step["unfrozen_done"] and step["unfroze"]
-        history = pd.read_csv(Paths(cfg).fold_dir(slug, 0) / "history.csv")
-        assert set(history["phase"]) == {"frozen", "unfrozen"}  # the fine-tuned run replaced the frozen-only one
+        assert step["epochs"] == 1 and step["unfrozen_done"] and step["views_done"]
+        history = pd.read_csv(Paths(cfg).fold_dir(f"{slug}-ft", 0) / "history.csv")
+        assert set(history["phase"]) == {"frozen", "unfrozen"}  # a fine-tuned variant beside the frozen-only model
+        assert set(pd.read_csv(Paths(cfg).fold_dir(slug, 0) / "history.csv")["phase"]) == {"frozen"}
     first = min(state["models"], key=lambda s: -state["models"][s]["frozen_cv"])
-    assert out.index(f"{first}: 1 unfrozen epoch") < out.index(f"{sorted(set(state['models']) - {first})[0]}: 1 unf")
+    assert out.index(f"{first}-ft: 1 unfrozen epoch") < out.index(f"{sorted(set(state['models']) - {first})[0]}-ft: 1 u")
+    assert out.index(f"{first}: frozen-only through identity+") < out.index(f"{first}-ft: 1 unfrozen epoch")  # views 1st
     assert board.exists() and (Paths(cfg).submissions_dir / "demo-mean.csv").exists()
+    models = set(pd.read_csv(board)["model"])
+    assert {"test_efficientnet", "test_resnet", "test_efficientnet-ft", "test_resnet-ft"} <= models
     # the same command again resumes the plan and trains nothing
     written = {p: p.stat().st_mtime_ns for p in Paths(cfg).exp_dir.rglob("fold*/best.safetensors")}
     workflows.run_all(cfg, budget_min=60)
@@ -126,7 +182,7 @@ def test_a_tight_budget_keeps_every_backbone_frozen_only(make_config, monkeypatc
     assert out.count("stays frozen-only: not one unfrozen epoch") == 2
     for slug in ("test_efficientnet", "test_resnet"):
         assert set(pd.read_csv(Paths(cfg).fold_dir(slug, 0) / "history.csv")["phase"]) == {"frozen"}
-    assert "frozen-only, " in out.splitlines()[-1] and "of 5 min" in out.splitlines()[-1]
+    assert "frozen-only through " in out.splitlines()[-1] and "of 5 min" in out.splitlines()[-1]
 
 
 def test_a_bad_budget_is_one_line(make_config, tmp_path, capsys):

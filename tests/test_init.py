@@ -57,7 +57,8 @@ def test_init_infers_each_layout_and_task(workdir, case):
     assert (d.train_dir, d.test_dir, d.sample_submission) == ("train", "test", "sample_submission.csv")
     assert (cfg.submission.format, cfg.metric) == (fmt, metric)
     assert [(b.name, b.weights, b.image_size) for b in cfg.backbones] == [  # preset: balanced
-        ("efficientnet_lite0", "bundled", 160), ("efficientnet_lite1", "bundled", 192)]
+        ("efficientnet_lite0", "bundled", 224), ("efficientnet_lite1", "bundled", 240),
+        ("efficientnet_lite2", "bundled", 260)]
     assert "\n#     image_size: 96 " in path.read_text()  # 8x8 digits: the smallest size allowed, commented
     assert cfg.train.linear_probe and cfg.train.freeze_bn and cfg.augment.tta == ["identity", "hflip"]
     assert cfg.augment.train == [{"name": "HorizontalFlip", "p": 0.5}]

@@ -22,13 +22,12 @@ from pipeline.training.fingerprint import fold_digest
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 # the documented values (docs/training.md#presets), written out: the tables must not drift from them
+NATIVE = [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
 DOCUMENTED = {
-    "fast": {"backbones": [("efficientnet_lite0", 160)], "unfreeze": "never", "epochs": 3,
-             "tta": ["identity", "hflip"], "methods": ["mean"]},
-    "balanced": {"backbones": [("efficientnet_lite0", 160), ("efficientnet_lite1", 192)], "unfreeze": "auto",
-                 "epochs": 3, "tta": ["identity", "hflip"], "methods": ["mean", "hill_climb"]},
-    "best": {"backbones": [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)],
-             "unfreeze": "auto", "epochs": 3, "tta": ["identity", "hflip"],
+    "fast": {"backbones": NATIVE, "unfreeze": "never", "epochs": 3, "tta": ["identity"], "methods": ["mean"]},
+    "balanced": {"backbones": NATIVE, "unfreeze": "auto", "epochs": 3, "tta": ["identity", "hflip"],
+                 "methods": ["mean", "hill_climb"]},
+    "best": {"backbones": NATIVE, "unfreeze": "auto", "epochs": 3, "tta": ["identity", "hflip"],
              "methods": ["mean", "hill_climb", "stacking"]},
 }
 
@@ -77,7 +76,7 @@ def test_yaml_keys_override_the_preset(tmp_path):
     assert cfg.train.unfrozen.warmup_epochs == 0.5  # and the schema's default below both
     assert cfg.augment.tta == ["identity"] and cfg.ensemble.methods == ["mean", "hill_climb"]
     fast = load_config(write_yaml(tmp_path / "y.yaml", {"preset": "fast", "train": {"unfreeze": "always"}}))
-    assert fast.train.unfreeze == "always" and [b.name for b in fast.backbones] == ["efficientnet_lite0"]
+    assert fast.train.unfreeze == "always" and [b.name for b in fast.backbones] == [n for n, _ in NATIVE]
 
 
 def test_command_line_words_override_the_file_and_the_preset(tmp_path):
@@ -85,7 +84,7 @@ def test_command_line_words_override_the_file_and_the_preset(tmp_path):
     cfg = load_config(path, ["augment.tta=[identity,vflip]", "backbones.1.image_size=256", "train.unfreeze=always",
                              "ensemble.methods=[stacking]"])
     assert cfg.augment.tta == ["identity", "vflip"]  # over the file's
-    assert [(b.name, b.image_size) for b in cfg.backbones] == [("efficientnet_lite0", 160), ("efficientnet_lite1", 256)]
+    assert [(b.name, b.image_size) for b in cfg.backbones] == [NATIVE[0], ("efficientnet_lite1", 256), NATIVE[2]]
     assert cfg.train.unfreeze == "always" and cfg.ensemble.methods == ["stacking"]  # over the preset's
     one = load_config(path, ["backbones=[{name: test_efficientnet, weights: none, image_size: 32}]"])
     assert [b.name for b in one.backbones] == ["test_efficientnet"]  # a list word replaces the preset's list
@@ -94,7 +93,7 @@ def test_command_line_words_override_the_file_and_the_preset(tmp_path):
 def test_preset_on_the_command_line(tmp_path):
     path = write_yaml(tmp_path / "x.yaml", {"preset": "balanced", "train": {"unfreeze": "always"}})
     cfg = load_config(path, ["backbones.0.image_size=128", "preset=fast"])  # the word's place does not matter
-    assert [(b.name, b.image_size) for b in cfg.backbones] == [("efficientnet_lite0", 128)]  # fast's, then the word
+    assert [(b.name, b.image_size) for b in cfg.backbones] == [("efficientnet_lite0", 128), *NATIVE[1:]]  # fast's+word
     assert cfg.ensemble.methods == ["mean"]  # fast's
     assert cfg.train.unfreeze == "always"  # the file's key still beats the preset the word chose
     assert resolved(load_config(path, ["preset=best", "preset=fast"]))["methods"] == ["mean"]  # the last word
@@ -163,7 +162,7 @@ def test_the_resolved_config_and_the_digest_hold_the_presets_values(digits_root,
     # the word itself is in neither the resolved config nor a digest: the same values spelt out are the same run
     assert "preset" not in balanced.to_dict()
     dumped = yaml.safe_load(dump_config(balanced))
-    assert [b["name"] for b in dumped["backbones"]] == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert [b["name"] for b in dumped["backbones"]] == [n for n, _ in NATIVE]
     assert dumped["train"]["unfreeze"] == "auto" and dumped["ensemble"]["methods"] == ["mean", "hill_climb"]
     spelt = config_from_dict(dumped)
     assert spelt == balanced and digest(spelt) == digest(balanced)

