@@ -161,8 +161,9 @@ def test_a_generous_budget_runs_frozen_first_then_unfreezes_in_cv_order(make_con
         assert set(history["phase"]) == {"frozen", "unfrozen"}  # a fine-tuned variant beside the frozen-only model
         assert set(pd.read_csv(Paths(cfg).fold_dir(slug, 0) / "history.csv")["phase"]) == {"frozen"}
     first = min(state["models"], key=lambda s: -state["models"][s]["frozen_cv"])
-    assert out.index(f"{first}-ft: 1 unfrozen epoch") < out.index(f"{sorted(set(state['models']) - {first})[0]}-ft: 1 u")
-    assert out.index(f"{first}: frozen-only through identity+") < out.index(f"{first}-ft: 1 unfrozen epoch")  # views 1st
+    second = sorted(set(state["models"]) - {first})[0]
+    assert out.index(f"{first}-ft: 1 unfrozen epoch") < out.index(f"{second}-ft: 1 unfrozen epoch")
+    assert out.index(f"{first}: frozen-only through identity+") < out.index(f"{first}-ft: 1 unfrozen epoch")
     assert board.exists() and (Paths(cfg).submissions_dir / "demo-mean.csv").exists()
     models = set(pd.read_csv(board)["model"])
     assert {"test_efficientnet", "test_resnet", "test_efficientnet-ft", "test_resnet-ft"} <= models

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-
 NATIVE = {0: 224, 1: 240, 2: 260}  # EfficientNet-Lite0/1/2's pretrained input sizes (timm's pretrained configs)
 
 
