@@ -40,7 +40,8 @@ def with_solution(root, n_train: int = 60, n_test: int = 20, **layout) -> dict:
                          ids=["bare ids", "ids with .png", "class folders"])
 def test_a_scaled_copy_is_read_through_the_pipelines_own_id_resolution(make_config, tmp_path, layout):
     """PNGs re-saved as JPEGs: the copy's tables resolve every id (bare, with the original's
-    extension, or a class folder's) to its JPEG, in the original's order, labels kept."""
+    extension, or a class folder's) to its JPEG, in the original's order, labels kept (issue 36: the
+    demo's bare ids once sent the input rows to ``test/digit_0002``, a file that does not exist)."""
     cfg = make_config(data=with_solution(tmp_path / "data", 12, 4, **layout))
     copy = scaled_copy(cfg, 40, tmp_path / "copy")
     for read in (read_train_table, read_test_table):
@@ -52,16 +53,6 @@ def test_a_scaled_copy_is_read_through_the_pipelines_own_id_resolution(make_conf
     made = (tmp_path / "copy" / ".complete").stat().st_mtime_ns
     assert scaled_copy(cfg, 40, tmp_path / "copy") == copy  # made once, kept
     assert (tmp_path / "copy" / ".complete").stat().st_mtime_ns == made
-
-
-def test_the_reduced_decode_probe_scores_copies_of_images_whose_ids_lack_the_extension(make_config, tmp_path):
-    """The demo's case (issue 36): ids without an extension, PNGs copied as JPEGs, the probe row
-    scoring the copies' test images against solution.csv."""
-    from pipeline.bench.inputs import bench_reduced_decode
-
-    cfg = make_config(data=with_solution(tmp_path / "data", 30, 10))
-    r = bench_reduced_decode(scaled_copy(cfg, 64, tmp_path / "copy"), 32, probe=True)
-    assert r["metric"] == "accuracy" and 0 <= r["full_score"] <= 1 and 0 <= r["reduced_score"] <= 1
 
 
 # ---------------------------------------------------------------------------- every section, end to end
@@ -88,7 +79,7 @@ SMOKE = {
     "labels": {},
     "presets": {"presets": {"presets": ("fast",), "keep": ("backbones",)}},
 }
-OWN_TEST = {"suite"}  # sections with a test of their own (tests/test_bench_suite.py)
+OWN_TEST = {"suite"}  # sections with a test of their own: tests/test_bench_suite.py
 TINY = ["folds.n_splits=2", "train.num_workers=0", "augment.train=[]"]
 
 
