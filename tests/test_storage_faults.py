@@ -12,15 +12,23 @@ import fcntl
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from conftest import REPO_ROOT
+import torch
+from conftest import REPO_ROOT, shrunk_raw_config
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from pipeline import cli
 from pipeline.config.paths import Paths
-from pipeline.config.schema import dump_config
-from pipeline.core import locks
+from pipeline.config.schema import config_from_dict, dump_config
+from pipeline.core import artifacts, locks
+from pipeline.domain.metrics import get_metric
+from pipeline.engine import checkpoints
+from pipeline.training.fold_state import FoldState
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
 NO_FLOCK = {"ENOLCK": errno.ENOLCK, "EOPNOTSUPP": errno.EOPNOTSUPP}  # NFS without lockd; FUSE, SMB
@@ -47,9 +55,12 @@ if mode == "rewriting":  # a train run of the experiment in sys.argv[1]: its mod
     with locks.rewriting(target, "training"):
         print("held", flush=True)
         time.sleep(seconds)
-        for path in sys.argv[4:]:
-            lines = open(path).read().splitlines()
-            open(path, "w").write("\\n".join([lines[0]] + lines[1:][::-1]) + "\\n")  # new predictions
+        import pandas as pd
+        for path in sys.argv[4:]:  # new predictions: each row's probabilities in the reverse order of classes
+            frame = pd.read_csv(path)
+            columns = [c for c in frame.columns if c.startswith("pred")]
+            frame[columns] = frame[columns].to_numpy()[:, ::-1]
+            frame.to_csv(path, index=False)
     sys.exit()
 with locks.hold(target, "test holder", "is held") as held:
     print("held" if held else "busy", flush=True)
@@ -157,3 +168,144 @@ def test_a_lock_that_nobody_names_is_an_error_not_a_skipped_fold(make_config, tm
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(locks.lock_path(fold_dir)) in err and "delete" in err, err
     assert not fold_dir.exists()
+
+
+# ---------------------------------------------------------------------------- 2. a checkpoint cut short
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits_root):
+    """One model trained on two folds through the CLI (its config file, and the run's folder)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = config_from_dict(shrunk_raw_config(digits_root, tmp), FAST)
+    config = write_config(cfg, tmp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["folds", "-c", config]) == 0
+        assert cli.main(["train", "-c", config]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return cfg, config, tmp
+
+
+@contextmanager
+def damaged(path: Path, how: str = "cut"):
+    """``path`` cut to half its size (a copy killed mid-way, a full disk), or with one byte of its tensors
+    changed (same size, same header); put back as it was afterwards."""
+    whole = path.read_bytes()
+    if how == "cut":
+        path.write_bytes(whole[: len(whole) // 2])
+    else:
+        path.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0xFF]))
+    try:
+        yield path
+    finally:
+        path.write_bytes(whole)
+
+
+def one_line_error(capsys, *texts: str) -> str:
+    """The one line a stage ended with on stderr (after any progress bar, which redraws with ``\\r``)."""
+    err = capsys.readouterr().err.strip()
+    line = err.split("\r")[-1].strip()
+    assert err.count("\n") == 0 and line.startswith("error: ") and "Traceback" not in err, err
+    for text in texts:
+        assert text in line, line
+    return line
+
+
+@pytest.mark.parametrize("how", ["cut", "changed"])
+def test_predict_names_a_damaged_checkpoint(trained, tmp_path, capsys, how):
+    """It ended in a SafetensorError traceback that did not name the file."""
+    cfg, config, _ = trained
+    model = cfg.backbones[0].slug
+    best = Paths(cfg).fold_dir(model, 1) / "best.safetensors"
+    out = tmp_path / "submission.csv"
+    with damaged(best, how):
+        capsys.readouterr()
+        assert cli.main(["predict", "-c", config, "--ensemble", model, "--out", str(out)]) == 2
+    one_line_error(capsys, f"checkpoint {best} is damaged (", "make train-folds")
+    assert not out.exists()
+
+
+def test_bundle_names_a_damaged_checkpoint(trained, tmp_path, capsys):
+    cfg, config, _ = trained
+    model = cfg.backbones[0].slug
+    best = Paths(cfg).fold_dir(model, 0) / "best.safetensors"
+    out = tmp_path / "bundle"
+    with damaged(best):
+        capsys.readouterr()
+        assert cli.main(["bundle", "-c", config, "--ensemble", model, "--out", str(out)]) == 2
+    one_line_error(capsys, f"checkpoint {best} is damaged (", "cut short", "make train-folds")
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))
+
+
+def test_train_trains_a_fold_again_whose_checkpoint_was_cut_short(trained, capsys):
+    """``make train-folds`` called the fold done, because "up to date" only checked that the file and its
+    stamp existed."""
+    cfg, config, _ = trained
+    model = cfg.backbones[0].slug
+    fold0, fold1 = (Paths(cfg).fold_dir(model, k) / "best.safetensors" for k in (0, 1))
+    whole = fold0.read_bytes()
+    fold0.write_bytes(whole[: len(whole) // 2])
+    untouched = fold1.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(["train", "-c", config]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "damaged" in line]
+    assert len(lines) == 1 and str(fold0) in lines[0] and "training the fold again" in lines[0], out
+    assert f"{model} fold 0: kept" in out and f"{model} fold 1: kept" not in out, out
+    assert artifacts.file_problem(fold0, digest=True) is None and fold1.stat().st_mtime_ns == untouched
+    assert cli.main(["train", "-c", config]) == 0  # done now: nothing is trained again
+    assert "kept" not in capsys.readouterr().out
+
+
+def test_a_resume_file_cut_short_starts_the_fold_anew(make_config, tmp_path, capsys):
+    """A killed copy of a run folder: the fold trains from its start instead of a SafetensorError."""
+    resume = tmp_path / "fold0" / "resume.safetensors"
+    resume.parent.mkdir()
+    save_file({"model.w": torch.zeros(1000)}, str(resume), metadata={"info": "{}"})
+    resume.write_bytes(resume.read_bytes()[:2000])
+    state = FoldState(make_config().train, get_metric("accuracy"), 0, resume.parent, "digest")
+    assert state.resume() is False
+    out = capsys.readouterr().out
+    assert f"fold 0: {resume} is damaged (cut short" in out and "from its start" in out, out
+    assert not resume.exists()
+
+
+# ---------------------------------------------------------------------------- 3. a full disk
+
+
+FULL = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_names_it(make_config, tmp_path, capsys, monkeypatch,
+                                                            one_torch_thread):
+    """safetensors reports a full disk without the path: the line said "a file operation"."""
+    cfg = make_config(*FAST)
+    config = write_config(cfg, tmp_path)
+    assert cli.main(["folds", "-c", config]) == 0
+
+    def full(*args, **kwargs):
+        raise SafetensorError(FULL)
+
+    monkeypatch.setattr(checkpoints, "save_file", full)
+    capsys.readouterr()
+    assert cli.main(["train", "-c", config, "--fold", "0"]) == 2
+    best = Paths(cfg).fold_dir(cfg.backbones[0].slug, 0) / "best.safetensors"
+    one_line_error(capsys, f"error: {best}: no space left on the device", "re-run the same command")
+    assert not best.exists() and not list(best.parent.glob(".*.tmp"))
+
+
+def test_a_full_disk_while_a_table_is_written_names_it(make_config, tmp_path, capsys, monkeypatch):
+    """A write through a file object (pandas) fails with an OSError that carries no path."""
+    cfg = make_config()
+    config = write_config(cfg, tmp_path)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    assert cli.main(["folds", "-c", config]) == 2
+    one_line_error(capsys, f"error: {Paths(cfg).folds_csv}: no space left on the device")
+    assert not Paths(cfg).folds_csv.exists()

@@ -18,13 +18,18 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from pipeline.core.errors import os_error_code
+
 TMP_SUFFIX = ".tmp"
 STALE_TMP_SECONDS = 3600  # a temporary file without a writer's pid in its name is stale after this
 
 
 @contextmanager
 def atomic_path(path: Path | str):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    A full disk, a denied write or a read-only file system met while writing is an ``OSError`` naming
+    ``path``: a write through a file object (pandas, safetensors, torch) raises one without any path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=TMP_SUFFIX)
@@ -32,6 +37,11 @@ def atomic_path(path: Path | str):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        code = os_error_code(exc)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -86,18 +96,100 @@ def _stamp_path(output: Path) -> Path:
     return output.parent / f".{output.name}.stamp"
 
 
+def _read_stamp(output: Path) -> tuple[str | None, dict]:
+    """The fingerprint an output was written under and what was written (``bytes``, ``sha256``; empty
+    in stamps of older versions, which held the fingerprint only)."""
+    try:
+        lines = _stamp_path(output).read_text().splitlines()
+    except OSError:
+        return None, {}
+    try:
+        written = json.loads(lines[1]) if len(lines) > 1 else {}
+    except ValueError:
+        written = {"bytes": -1}  # a stamp cut short: nothing it says is trusted
+    return (lines[0].strip() if lines else None), (written if isinstance(written, dict) else {})
+
+
 def is_up_to_date(outputs: Iterable[Path | str], digest: str) -> bool:
-    """True when every output exists and was written under the same fingerprint."""
+    """True when every output exists, was written under the same fingerprint, and is whole: the size
+    written (and a safetensors file's header) checked, :func:`file_problem` without the digest."""
     for out in map(Path, outputs):
-        stamp = _stamp_path(out)
-        if not out.exists() or not stamp.exists() or stamp.read_text().strip() != digest:
+        stamped, _ = _read_stamp(out)
+        if not out.exists() or stamped != digest or file_problem(out) is not None:
             return False
     return True
 
 
 def mark_done(outputs: Iterable[Path | str], digest: str) -> None:
+    """Stamp each output with ``digest`` and what was written: its size and SHA-256 (files only)."""
     for out in map(Path, outputs):
-        write_text(_stamp_path(out), digest + "\n")
+        written = {"bytes": out.stat().st_size, "sha256": sha256_digest(out)} if out.is_file() else {}
+        write_text(_stamp_path(out), digest + "\n" + (json.dumps(written) + "\n" if written else ""))
+
+
+def unstamp(outputs: Iterable[Path | str]) -> None:
+    """Forget that ``outputs`` were written (their stamps), before they are rewritten."""
+    for out in map(Path, outputs):
+        _stamp_path(out).unlink(missing_ok=True)
+
+
+def discard(output: Path | str) -> None:
+    """Remove an output and its stamp (the stamp first: a file without one is never trusted)."""
+    output = Path(output)
+    _stamp_path(output).unlink(missing_ok=True)
+    output.unlink(missing_ok=True)
+
+
+def sha256_digest(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_problem(path: Path | str, digest: bool = False) -> str | None:
+    """What is wrong with an output against what :func:`mark_done` recorded of it, else None: another
+    size (a copy cut short, a full disk), a safetensors header that describes more or fewer bytes than
+    the file has, and with ``digest`` other bytes (SHA-256: it reads the whole file). An output without
+    a record (never stamped, or by an older version) is checked for its header only."""
+    path = Path(path)
+    _, written = _read_stamp(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "it is missing"
+    if "bytes" in written and size != written["bytes"]:
+        return f"{size} bytes where {written['bytes']} were written: cut short or overwritten"
+    if path.suffix == ".safetensors":
+        problem = safetensors_problem(path)
+        if problem:
+            return problem
+    if digest and "sha256" in written and sha256_digest(path) != written["sha256"]:
+        return "its bytes differ from those written (SHA-256)"
+    return None
+
+
+def safetensors_problem(path: Path | str) -> str | None:
+    """None when a safetensors file is whole: an 8-byte header length, a JSON header, and exactly the
+    bytes its tensors' offsets describe; else what is wrong (reads the header only)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= size - 8:
+                return f"not a safetensors file: its {size} bytes hold no whole header"
+            header = json.loads(f.read(length))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a safetensors file: its header is not valid"
+    if 8 + length + end != size:
+        return f"cut short: {size} bytes where its header describes {8 + length + end}"
+    return None
 
 
 # ---------------------------------------------------------------------------- before a stage writes

@@ -41,16 +41,24 @@ _OS_TEXT = {"No space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC
             "Read-only file system": errno.EROFS, "os error 30": errno.EROFS}
 
 
-def os_error_message(exc: BaseException) -> str | None:
-    """One line for a permission, read-only, full-disk or folder-for-file error, else None.
+def os_error_code(exc: BaseException) -> int | None:
+    """The errno of a permission, read-only, full-disk or folder-for-file error, else None.
 
-    ``OSError`` carries its errno and path; libraries that write through their own I/O (safetensors,
+    ``OSError`` carries its errno; libraries that write through their own I/O (safetensors,
     torch.save) raise other types whose text holds the OS message, matched here as a fallback."""
     code = exc.errno if isinstance(exc, OSError) else None
     if code is None:
         text = str(exc)
         code = next((c for marker, c in _OS_TEXT.items() if marker in text), None)
-    if code not in _OS_ADVICE:
+    return code if code in _OS_ADVICE else None
+
+
+def os_error_message(exc: BaseException) -> str | None:
+    """One line for a permission, read-only, full-disk or folder-for-file error, else None: the path
+    (``OSError.filename``; :func:`pipeline.core.artifacts.atomic_path` gives every write's error the file
+    it was writing) and what to do."""
+    code = os_error_code(exc)
+    if code is None:
         return None
     path = getattr(exc, "filename", None)
     if path and os.path.basename(str(path)).startswith(".") and str(path).endswith(".tmp"):

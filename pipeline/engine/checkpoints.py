@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from pipeline.core import artifacts
+from pipeline.core.errors import PipelineError
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -27,8 +29,23 @@ def save_weights(path: Path, model: nn.Module) -> None:
         save_file(_contiguous(model.state_dict()), str(tmp))
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    model.load_state_dict(load_file(str(path)))
+def check_checkpoint(path: Path, fix: str) -> None:
+    """Refuse a checkpoint that is not whole, in one line naming it and saying how to ``fix`` it: its
+    size, its header and its bytes (SHA-256) against what was written (the stamp beside it; a file
+    without one, as in a bundle, is checked for its header)."""
+    problem = artifacts.file_problem(path, digest=True)
+    if problem:
+        raise PipelineError(f"checkpoint {path} is damaged ({problem}); {fix}")
+
+
+def load_weights(path: Path, model: nn.Module, fix: str = "retrain it") -> None:
+    """``model`` with the weights of ``path``, checked first (:func:`check_checkpoint`)."""
+    check_checkpoint(path, fix)
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise PipelineError(f"checkpoint {path} cannot be read ({exc}); {fix}") from None
+    model.load_state_dict(tensors)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -71,8 +88,14 @@ def save_resume(path: Path, model: nn.Module, optimizer, info: dict, ema: nn.Mod
         save_file(_contiguous(tensors), str(tmp), metadata=metadata)
 
 
+def resume_problem(path: Path) -> str | None:
+    """What is wrong with a resume file (one cut short by a copy or a full disk), else None."""
+    return artifacts.safetensors_problem(path) if path.exists() else None
+
+
 def read_resume_info(path: Path) -> dict | None:
-    if not path.exists():
+    """The resume file's info; None without a whole one (:func:`resume_problem` says what is wrong)."""
+    if not path.exists() or resume_problem(path):
         return None
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["info"])

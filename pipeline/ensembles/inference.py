@@ -48,6 +48,10 @@ BUDGETED_KEYS = ("train.unfrozen.epochs",)
 DATA_KEYS = ("task", "target_columns", "id_column", "positive_class", "label_separator")
 
 
+# what to do about a damaged fold checkpoint (a copy cut short, a full disk)
+RETRAIN = "train the fold again (make train-folds retrains a damaged fold), then re-run this command"
+
+
 def prediction_settings(cfg: Config, bcfg: BackboneConfig) -> dict:
     """Everything a fold checkpoint's predictions depend on, as dotted keys: the task, the folds,
     the model entry, the training and augmentation settings (a changed one means other weights),
@@ -84,6 +88,7 @@ class FoldCheckpoint:
         if missing:
             raise PipelineError(f"model {entry.slug} has no checkpoint for fold {fold} ({missing[0]} is missing); "
                                 f"train it first: make train-folds")
+        checkpoints.check_checkpoint(fold_dir / "best.safetensors", RETRAIN)  # size, header and bytes as written
         kept = artifacts.read_json(fold_dir / "kept.json")
         if "spec" not in kept:
             raise PipelineError(f"{fold_dir / 'kept.json'} was written by an older version without the task spec; "
@@ -108,7 +113,7 @@ class FoldCheckpoint:
     def model(self) -> torch.nn.Module:
         """The timm model with these weights (built without pretrained weights: no hub, no download)."""
         model = create_backbone(dataclasses.replace(self.bcfg, weights="none"), self.spec.num_outputs)
-        checkpoints.load_weights(self.fold_dir / "best.safetensors", model)
+        checkpoints.load_weights(self.fold_dir / "best.safetensors", model, RETRAIN)
         return model
 
     @torch.no_grad()

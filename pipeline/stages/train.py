@@ -33,7 +33,7 @@ from pipeline.engine.fit import PROCESSES_ENV
 from pipeline.training.aggregate import aggregate_backbone, aggregate_seed_mean, fmt_score, honesty_note
 from pipeline.training.budget import planned_config
 from pipeline.training.executors import RayFolds
-from pipeline.training.fingerprint import fold_digest, fold_is_done
+from pipeline.training.fingerprint import discard_damaged, fold_digest, fold_is_done
 from pipeline.training.pseudo_labels import with_pseudo_labels
 from pipeline.training.trainer import FoldJob, FoldResult, train_fold
 from pipeline.training.tuned import apply_tuned
@@ -87,8 +87,11 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
             tracking.begin_model(bcfg_cfg, bcfg)  # tracking.backend: the run, before any fold trains
         print(f"{bcfg.slug}: LRs from {source['lr_source']} (frozen {bcfg_cfg.train.frozen.lr:.2e}, unfrozen "
               f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
-        todo = [k for k in ([fold] if fold is not None else range(cfg.folds.n_splits))
-                if force or not fold_is_done(bcfg_cfg, bcfg, k)]
+        folds = [fold] if fold is not None else list(range(cfg.folds.n_splits))
+        for k in folds if main else []:  # a checkpoint cut short (full disk, killed copy) is not a done fold
+            for line in discard_damaged(bcfg_cfg, bcfg, k):
+                print(line)
+        todo = [k for k in folds if force or not fold_is_done(bcfg_cfg, bcfg, k)]
         if bcfg_cfg.train.executor == "ray":  # its folds train on the cluster while the next model resolves
             if todo:
                 remote = remote or _connect(bcfg_cfg, spec, fit_table, test)

@@ -40,8 +40,21 @@ def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:
 
 
 def fold_is_done(cfg: Config, bcfg: BackboneConfig, fold: int) -> bool:
+    """The fold's files are there, written under its digest, and whole (:func:`artifacts.file_problem`)."""
     fold_dir = Paths(cfg).fold_dir(bcfg.slug, fold)
     return artifacts.is_up_to_date(fold_outputs(fold_dir, True), fold_digest(cfg, bcfg, fold))
+
+
+def discard_damaged(cfg: Config, bcfg: BackboneConfig, fold: int) -> list[str]:
+    """Remove the fold's files that are not what was written (a checkpoint cut short by a full disk or a
+    killed copy), with their stamps, so that the fold is trained again; one line per file."""
+    lines = []
+    for out in fold_outputs(Paths(cfg).fold_dir(bcfg.slug, fold), True):
+        problem = artifacts.file_problem(out) if out.exists() else None
+        if problem:
+            artifacts.discard(out)
+            lines.append(f"{bcfg.slug} fold {fold}: {out} is damaged ({problem}); training the fold again")
+    return lines
 
 
 def total_epochs(train) -> int:

@@ -43,6 +43,11 @@ class FoldState:
         """Continue from the resume file when it was written for this fold's digest."""
         if self.fold_dir is None:
             return False
+        problem = checkpoints.resume_problem(self.resume_file)
+        if problem:
+            print(f"fold {self.fold}: {self.resume_file} is damaged ({problem}); training the fold from its start")
+            self.resume_file.unlink(missing_ok=True)
+            return False
         info = checkpoints.read_resume_info(self.resume_file)
         if info is None or info.get("digest") != self.digest:
             return False

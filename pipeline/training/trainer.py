@@ -222,6 +222,9 @@ class FoldTrainer:
 
 def train_fold(job: FoldJob) -> FoldResult:
     """Train one fold (resuming when a matching resume file exists); write its files."""
+    if job.out_dir is not None and distributed.is_main():  # its files are rewritten from now on: not done
+        artifacts.unstamp(fold_outputs(job.out_dir, job.test is not None))  # until all are (and a killed
+        # --force run leaves no old oof.csv called done beside a new checkpoint)
     with restored_torch_flags():
         trainer = FoldTrainer(job)
         try:
