@@ -21,6 +21,7 @@ import torch
 from conftest import REPO_ROOT, shrunk_raw_config
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from test_ensemble import write_experiment
 
 from pipeline import cli
 from pipeline.config.paths import Paths
@@ -28,6 +29,7 @@ from pipeline.config.schema import config_from_dict, dump_config
 from pipeline.core import artifacts, locks
 from pipeline.domain.metrics import get_metric
 from pipeline.engine import checkpoints
+from pipeline.stages.ensemble import run_ensemble
 from pipeline.training.fold_state import FoldState
 
 FAST = ["train.num_workers=0", "augment.train=[]", "folds.n_splits=2"]
@@ -309,3 +311,37 @@ def test_a_full_disk_while_a_table_is_written_names_it(make_config, tmp_path, ca
     assert cli.main(["folds", "-c", config]) == 2
     one_line_error(capsys, f"error: {Paths(cfg).folds_csv}: no space left on the device")
     assert not Paths(cfg).folds_csv.exists()
+
+
+# ---------------------------------------------------------------------------- 4. an ensemble during a retrain
+
+
+def test_an_ensemble_during_a_retrain_waits_for_it_and_blends_the_new_models(tmp_path, capsys, children):
+    """It said "up to date" and kept the old submission while the experiment was being retrained."""
+    cfg = write_experiment(tmp_path, methods=("mean",))
+    paths = Paths(cfg)
+    run_ensemble(cfg)
+    before = paths.submission("mean").read_text()
+    retrained = [paths.test_csv(b.slug) for b in cfg.backbones]
+    # a train run of the experiment (as `make train-folds ARGS=--force` marks it) whose models change before it ends
+    children.append(trainer := hold_in_child(paths.exp_dir, 1.5, "rewriting", *retrained))
+    capsys.readouterr()
+    run_ensemble(cfg)
+    out = capsys.readouterr().out
+    assert (f"ensemble of {cfg.name}: the models of {cfg.name} are being trained by process {trainer.pid} "
+            f"(started ") in out and "waiting for it to end" in out, out
+    assert "up to date" not in out and trainer.poll() is not None
+    assert paths.submission("mean").read_text() != before  # the retrained models' predictions
+
+
+def test_a_killed_train_run_leaves_no_mark_that_stops_the_ensemble(tmp_path, capsys, children):
+    cfg = write_experiment(tmp_path, methods=("mean",))
+    paths = Paths(cfg)
+    trainer = hold_in_child(paths.exp_dir, 120, "rewriting")
+    trainer.kill()  # kill -9: its mark stays, and the OS released its lock
+    trainer.wait()
+    trainer.stdout.close()
+    assert lock_files(paths.exp_dir)
+    run_ensemble(cfg)
+    assert "waiting" not in capsys.readouterr().out
+    assert lock_files(paths.exp_dir) == []

@@ -16,8 +16,9 @@ file still there when the lock is taken was left by a killed process: taken over
 A lock that stays taken while no process names itself its holder is an error, never a skipped job.
 
 A stage that rewrites what others read (train, the models of an experiment) says so for as long as it
-runs with :func:`rewriting`; several such processes may run at once. A stage that reads those files
-(ensemble, predict, bundle) first waits for them with :func:`wait_for_writers`.
+runs with :func:`rewriting` (``.writer-<host>-<pid>.lock`` in the folder); several such processes may
+run at once. A stage that reads those files (ensemble, predict, bundle) first waits for them with
+:func:`wait_for_writers`.
 
 Example
 -------
@@ -147,15 +148,16 @@ def _hold_distributed(target: Path, what: str, doing: str, wait: bool) -> Iterat
 
 # ---------------------------------------------------------------------------- files being rewritten
 
-WRITERS = ".writers"  # the folder of :func:`rewriting`'s marks, one lock per writing process
+WRITER = "writer-"  # a mark of :func:`rewriting`: a lock of its own, ``.writer-<host>-<pid>.lock``, per process
 
 
 @contextmanager
 def rewriting(folder: Path | str, what: str) -> Iterator[None]:
-    """Mark the files under ``folder`` as being rewritten by this process for the block (several
-    processes may at once: each holds a lock of its own under ``folder/.writers``, which the OS
-    releases if the process is killed); :func:`wait_for_writers` waits for every such mark."""
-    with hold(Path(folder) / WRITERS / _own_mark(), what, "is running"):
+    """Mark the files under ``folder`` as being rewritten by this process for the block. Several
+    processes may at once: each holds a lock of its own in ``folder`` (``.writer-<host>-<pid>.lock``,
+    which the OS releases if the process is killed, and its ``.holder``); :func:`wait_for_writers`
+    waits for every such mark."""
+    with hold(Path(folder) / _own_mark(), what, "is running"):
         yield
 
 
@@ -163,9 +165,9 @@ def wait_for_writers(folder: Path | str, reader: str, being: str) -> None:
     """Wait while another process marks ``folder`` with :func:`rewriting`, saying so in one line per
     writer (``<reader>: <being> by process 1234 (started 12:01); waiting for it to end``). A mark left
     by a killed process is removed."""
-    marks, told = Path(folder) / WRITERS, set()
+    folder, told = Path(folder), set()
     while True:
-        busy = [mark for mark in _marks(marks) if not _mark_is_free(mark)]
+        busy = [mark for mark in _marks(folder) if not _mark_is_free(mark)]
         if not busy:
             return
         for mark in busy:
@@ -177,15 +179,15 @@ def wait_for_writers(folder: Path | str, reader: str, being: str) -> None:
 
 
 def _own_mark() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    return f"{WRITER}{socket.gethostname()}-{os.getpid()}"
 
 
 def _marks(folder: Path) -> list[Path]:
-    """The marks in ``folder`` (from their ``.<mark>.lock``, ``.softlock`` or ``.holder`` files), not this process's."""
+    """The marks in ``folder`` (from their ``.lock``, ``.softlock`` or ``.holder`` files), not this process's."""
     if not folder.is_dir():
         return []
     names = {name[1:].rsplit(".", 1)[0] for name in os.listdir(folder)
-             if name.startswith(".") and name.endswith((".lock", ".softlock", ".holder"))}
+             if name.startswith("." + WRITER) and name.endswith((".lock", ".softlock", ".holder"))}
     return [folder / name for name in sorted(names - {_own_mark()})]
 
 

@@ -24,7 +24,7 @@ import torch
 from pipeline.config.paths import Paths
 from pipeline.config.run_only import result_settings, setting_changes
 from pipeline.config.schema import BackboneConfig, Config, flatten, load_config
-from pipeline.core import artifacts
+from pipeline.core import artifacts, locks
 from pipeline.core.errors import PipelineError
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.images import PATH
@@ -151,6 +151,13 @@ def predict_model(cfg: Config, model_id: str, image_paths: list[str]) -> tuple[n
     return np.mean(per_member, axis=0), spec
 
 
+def wait_for_training(cfg: Config, reader: str) -> None:
+    """Wait while a train run of the experiment runs (it marks ``runs/<exp>/`` with :func:`locks.rewriting`),
+    with one line: it rewrites the models' files fold by fold, and a ``--force`` retrain leaves the old
+    ones in place until then, so a reader would take half-retrained models for up-to-date ones."""
+    locks.wait_for_writers(Paths(cfg).exp_dir, reader, f"the models of {cfg.name} are being trained")
+
+
 def best_method(cfg: Config) -> str:
     """The ensemble method with saved parameters and the best honest score (nested CV)."""
     paths, best, best_score = Paths(cfg), None, None
@@ -202,6 +209,7 @@ def predict_submission(cfg: Config, test_dir: str | None = None, sample: str | N
     if sample is not None:
         data = dataclasses.replace(data, sample_submission=str(Path(sample).resolve()))
     pcfg = cfg.replace(data=data)
+    wait_for_training(cfg, "predict")
     method = method or best_method(cfg)
     test = read_test_table(pcfg)  # every image there and readable, before any model runs
     frame, spec, thresholds = predict_frame(pcfg, method, test)

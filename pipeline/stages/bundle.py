@@ -121,9 +121,10 @@ def _size(path: Path) -> int:
 
 def run_bundle(cfg: Config, method: str | None = None, fp16: bool = False, out: str | None = None) -> Path:
     """Write the bundle folder for ``method`` (default: the ensemble with the best nested CV)."""
-    from pipeline.ensembles.inference import FoldCheckpoint, best_method
+    from pipeline.ensembles.inference import FoldCheckpoint, best_method, wait_for_training
 
     paths = Paths(cfg)
+    wait_for_training(cfg, "bundle")
     method = method or best_method(cfg)
     models = bundle_models(cfg, method)
     every = {**cfg.models(seed_mean=False), **cfg.seed_groups()}

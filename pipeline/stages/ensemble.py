@@ -19,6 +19,7 @@ from pipeline.ensembles.blend import (
     score,
     tune_thresholds,
 )
+from pipeline.ensembles.inference import wait_for_training
 from pipeline.ensembles.submission import write_submission
 
 
@@ -98,9 +99,12 @@ def run_ensemble(cfg: Config, force: bool = False) -> Path:
 
     Returns ``runs/<exp>/ensemble/``. Skipped when the backbones' OOF/test files, the folds file,
     the sample submission and the ensemble/submission/metric config are unchanged (``force`` redoes it).
+    While a train run of the experiment runs (a ``--force`` retrain rewrites the models' files), it waits
+    for it first, with one line: "up to date" over models being retrained would keep an old submission.
     """
     paths = Paths(cfg)
-    names = available_models(cfg)
+    wait_for_training(cfg, f"ensemble of {cfg.name}")
+    names = available_models(cfg)  # the models once every train run of the experiment has ended
     outputs, digest = _outputs(cfg, names), _digest(cfg, names)
     if not force and artifacts.is_up_to_date(outputs, digest):
         print(f"ensemble: {paths.ensemble_dir} is up to date (use --force to redo)")

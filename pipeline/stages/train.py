@@ -73,57 +73,59 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
     if main:  # everything is valid: the next train run (or fold process) skips decoding these images
         record_verified(table, verified_dir(cfg))
         record_verified(test, verified_dir(cfg))
-    store = FeatureStore()  # frozen features and BatchNorm statistics, shared by this run's folds
-    remote: RayFolds | None = None  # train.executor ray: the run's folds as tasks on a Ray cluster
-    on_ray: list[tuple] = []  # (config, entry, LR source, unfreeze decision) of the models sent there
-    for entry in backbones:
-        bcfg_cfg, bcfg = cfg.variant(entry)
-        bcfg_cfg, source = apply_tuned(bcfg_cfg, bcfg)
-        bcfg_cfg, plan = planned_config(bcfg_cfg, bcfg, spec, spec.encode(table), len(test), max(jobs, gpus))
-        bcfg_cfg, decision = resolve_unfreeze(bcfg_cfg, bcfg, spec, fit_table, store)  # train.unfreeze
-        bdir = paths.backbone_dir(bcfg.slug)
-        if main:
-            _write_resolved(bcfg_cfg, bcfg, source, bdir)
-            tracking.begin_model(bcfg_cfg, bcfg)  # tracking.backend: the run, before any fold trains
-        print(f"{bcfg.slug}: LRs from {source['lr_source']} (frozen {bcfg_cfg.train.frozen.lr:.2e}, unfrozen "
-              f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
-        folds = [fold] if fold is not None else list(range(cfg.folds.n_splits))
-        for k in folds if main else []:  # a checkpoint cut short (full disk, killed copy) is not a done fold
-            for line in discard_damaged(bcfg_cfg, bcfg, k):
-                print(line)
-        todo = [k for k in folds if force or not fold_is_done(bcfg_cfg, bcfg, k)]
-        if bcfg_cfg.train.executor == "ray":  # its folds train on the cluster while the next model resolves
-            if todo:
-                remote = remote or _connect(bcfg_cfg, spec, fit_table, test)
-                _check_address(remote, bcfg_cfg)
-                remote.submit(bcfg_cfg, bcfg, todo, force)
-            on_ray.append((bcfg_cfg, bcfg, source, decision))
-            continue
-        n_jobs = plan.jobs if plan is not None else jobs
-        if n_jobs > 1 and len(todo) > 1:
-            _train_parallel(bcfg, todo, n_jobs, bdir / "config.yaml", force)
-        else:
-            for k in todo:  # a fold that another run is training is skipped (core.locks)
-                with locks.hold(paths.fold_dir(bcfg.slug, k), f"fold {k} of {bcfg.slug}", "is being trained") as held:
-                    if held and (force or not fold_is_done(bcfg_cfg, bcfg, k)):  # done by it meanwhile: skip
-                        _train_one(bcfg_cfg, bcfg, spec, fit_table, test, k, store)
-                distributed.barrier()
-        if main:
+    with locks.rewriting(paths.exp_dir, f"training of {cfg.name}"):  # ensemble, predict, bundle wait
+        store = FeatureStore()  # frozen features and BatchNorm statistics, shared by this run's folds
+        remote: RayFolds | None = None  # train.executor ray: the run's folds as tasks on a Ray cluster
+        on_ray: list[tuple] = []  # (config, entry, LR source, unfreeze decision) of the models sent there
+        for entry in backbones:
+            bcfg_cfg, bcfg = cfg.variant(entry)
+            bcfg_cfg, source = apply_tuned(bcfg_cfg, bcfg)
+            bcfg_cfg, plan = planned_config(bcfg_cfg, bcfg, spec, spec.encode(table), len(test), max(jobs, gpus))
+            bcfg_cfg, decision = resolve_unfreeze(bcfg_cfg, bcfg, spec, fit_table, store)  # train.unfreeze
+            bdir = paths.backbone_dir(bcfg.slug)
+            if main:
+                _write_resolved(bcfg_cfg, bcfg, source, bdir)
+                tracking.begin_model(bcfg_cfg, bcfg)  # tracking.backend: the run, before any fold trains
+            print(f"{bcfg.slug}: LRs from {source['lr_source']} (frozen {bcfg_cfg.train.frozen.lr:.2e}, unfrozen "
+                  f"{bcfg_cfg.train.unfrozen.lr:.2e} x{bcfg_cfg.train.unfrozen.backbone_lr_mult:.3g} for the backbone)")
+            folds = [fold] if fold is not None else list(range(cfg.folds.n_splits))
+            for k in folds if main else []:  # a checkpoint cut short (full disk, killed copy) is not a done fold
+                for line in discard_damaged(bcfg_cfg, bcfg, k):
+                    print(line)
+            todo = [k for k in folds if force or not fold_is_done(bcfg_cfg, bcfg, k)]
+            if bcfg_cfg.train.executor == "ray":  # its folds train on the cluster while the next model resolves
+                if todo:
+                    remote = remote or _connect(bcfg_cfg, spec, fit_table, test)
+                    _check_address(remote, bcfg_cfg)
+                    remote.submit(bcfg_cfg, bcfg, todo, force)
+                on_ray.append((bcfg_cfg, bcfg, source, decision))
+                continue
+            n_jobs = plan.jobs if plan is not None else jobs
+            if n_jobs > 1 and len(todo) > 1:
+                _train_parallel(bcfg, todo, n_jobs, bdir / "config.yaml", force)
+            else:
+                for k in todo:  # a fold that another run is training is skipped (core.locks)
+                    what = f"fold {k} of {bcfg.slug}"
+                    with locks.hold(paths.fold_dir(bcfg.slug, k), what, "is being trained") as held:
+                        if held and (force or not fold_is_done(bcfg_cfg, bcfg, k)):  # done by it meanwhile: skip
+                            _train_one(bcfg_cfg, bcfg, spec, fit_table, test, k, store)
+                    distributed.barrier()
+            if main:
+                _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test)
+        if remote is not None:
+            try:
+                _train_on_ray(remote)
+            finally:
+                remote.close()
+        for bcfg_cfg, bcfg, source, decision in on_ray if main else []:  # empty without train.executor ray
             _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test)
-    if remote is not None:
-        try:
-            _train_on_ray(remote)
-        finally:
-            remote.close()
-    for bcfg_cfg, bcfg, source, decision in on_ray if main else []:  # empty without train.executor ray
-        _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test)
-    for group, members in cfg.seed_groups().items():  # not in a --fold child: its config holds one variant
-        if (main and fold is None and any(m in backbones for m in members)
-                and all(paths.cv_json(m.slug).exists() for m in members)):
-            cv = aggregate_seed_mean(cfg, group, members, spec, table)
-            print(f"{group}: mean of seeds {', '.join(m.slug for m in members)}: CV {cv['metric']} "
-                  f"{fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, OOF {fmt_score(cv['oof'])} "
-                  f"-> {paths.cv_json(group)}")
+        for group, members in cfg.seed_groups().items():  # not in a --fold child: its config holds one variant
+            if (main and fold is None and any(m in backbones for m in members)
+                    and all(paths.cv_json(m.slug).exists() for m in members)):
+                cv = aggregate_seed_mean(cfg, group, members, spec, table)
+                print(f"{group}: mean of seeds {', '.join(m.slug for m in members)}: CV {cv['metric']} "
+                      f"{fmt_score(cv['cv_mean'])} +- {fmt_score(cv['cv_std'])}, OOF {fmt_score(cv['oof'])} "
+                      f"-> {paths.cv_json(group)}")
     return paths.exp_dir
 
 
