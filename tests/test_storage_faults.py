@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO_ROOT, shrunk_raw_config
+from conftest import REPO_ROOT, shrunk_raw_config, write_dataset
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from test_ensemble import write_experiment
@@ -27,6 +27,8 @@ from pipeline import cli
 from pipeline.config.paths import Paths
 from pipeline.config.schema import config_from_dict, dump_config
 from pipeline.core import artifacts, locks
+from pipeline.core.errors import PipelineError
+from pipeline.data.tables import read_train_table, task_spec
 from pipeline.domain.metrics import get_metric
 from pipeline.engine import checkpoints
 from pipeline.stages.ensemble import run_ensemble
@@ -345,3 +347,48 @@ def test_a_killed_train_run_leaves_no_mark_that_stops_the_ensemble(tmp_path, cap
     run_ensemble(cfg)
     assert "waiting" not in capsys.readouterr().out
     assert lock_files(paths.exp_dir) == []
+
+
+# ---------------------------------------------------------------------------- 5. letter case
+
+
+def test_an_id_whose_file_differs_in_letter_case_is_named(make_config, tmp_path, capsys):
+    root = tmp_path / "data"
+    data = write_dataset(root, "multiclass", n_train=30, n_test=4, id_extension=True)
+    (root / "train" / "img_0003.png").rename(root / "train" / "img_0003.PNG")
+    config = write_config(make_config(data=data), tmp_path)
+    assert cli.main(["folds", "-c", config]) == 2
+    one_line_error(capsys, "1 ids in", "'img_0003.png'", "'img_0003.png' is img_0003.PNG", "letter case only",
+                   "rename the files or correct the ids")
+
+
+# ---------------------------------------------------------------------------- 6. empty label lists
+
+
+def _with_empty_targets(root: Path, task: str, rows) -> dict:
+    data = write_dataset(root, task, n_train=30, n_test=4)
+    table = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    column = [c for c in table.columns if c not in ("image_id", "writer")][0]
+    table.loc[rows, column] = ""
+    table.to_csv(root / "train.csv", index=False)
+    return data
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "regression", "multilabel_columns"])
+def test_an_empty_target_is_refused_for_single_label_tasks_and_label_columns(make_config, tmp_path, task):
+    cfg = make_config(data=_with_empty_targets(tmp_path / "data", task, [4]))
+    with pytest.raises(PipelineError, match=r"is empty for 1 rows, ids 'img_0004'; fill or drop those rows"):
+        read_train_table(cfg, check_readable=False)
+
+
+def test_an_empty_label_list_is_a_row_with_none_of_the_labels(make_config, tmp_path):
+    cfg = make_config(data=_with_empty_targets(tmp_path / "data", "multilabel", [4, 7]))
+    table = read_train_table(cfg, check_readable=False)
+    y = task_spec(cfg, table).encode(table)
+    assert y.shape == (30, 3) and not y[[4, 7]].any() and y.sum(axis=1)[[0, 1, 2, 3, 5, 6]].all()
+
+
+def test_a_multilabel_table_whose_label_lists_are_all_empty_is_refused(make_config, tmp_path):
+    cfg = make_config(data=_with_empty_targets(tmp_path / "data", "multilabel", slice(None)))
+    with pytest.raises(PipelineError, match=r"'labels' \(a multilabel label list\) is empty in every row"):
+        read_train_table(cfg, check_readable=False)

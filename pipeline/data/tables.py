@@ -130,9 +130,25 @@ def resolve_image_paths(ids: pd.Series, directory: Path, extension: str | None, 
     if missing:
         spaced = [i for i in missing if i != i.strip()]
         hint = f" ({len(spaced)} of them have surrounding spaces: remove them in the table)" if spaced else ""
+        cased = _case_only(missing, index, suffix)
+        if cased:
+            hint += (f" ({len(cased)} of them match a file whose name differs in letter case only: {first_few(cased)}; "
+                     f"file names are case-sensitive here: rename the files or correct the ids)")
         raise PipelineError(f"{len(missing)} ids in {source} have no image in {directory}: {quoted(missing)}{hint}; "
                             f"add the images or remove those rows (data.image_extension if ids lack one)")
     return pd.Series(paths, index=ids.index)
+
+
+def _case_only(missing: list[str], index: dict[str, str], suffix: str | None) -> list[str]:
+    """``'x.png' is x.PNG`` for each missing id that names an image in another letter case (an id with
+    its extension, without it, or with ``data.image_extension``)."""
+    folded = {name.casefold(): file for name, file in index.items()}
+    found = []
+    for image_id in missing:
+        file = folded.get(image_id.casefold()) or (folded.get((image_id + suffix).casefold()) if suffix else None)
+        if file is not None:
+            found.append(f"{image_id!r} is {file}")
+    return found
 
 
 def _read_class_folders(cfg: Config, paths: Paths) -> pd.DataFrame:
@@ -243,7 +259,11 @@ def _check_targets(table: pd.DataFrame, cfg: Config, source) -> None:
     d = cfg.data
     multilabel_text = d.task == "multilabel" and len(d.target_columns) == 1
     for col in d.target_columns:
-        if multilabel_text:  # an empty cell means "no labels"
+        if multilabel_text and not any(lab for text in table[col].dropna() for lab in text.split(d.label_separator)):
+            raise PipelineError(f"{source}: target column '{col}' (a multilabel label list) is empty in every row; "
+                                f"an empty list means none of the labels, so a table needs labels in some rows: "
+                                f"check data.target_columns and data.label_separator")
+        if multilabel_text:  # an empty label list (or spaces only) is a row with none of the labels: all negative
             continue
         nan = table[col].isna()
         if nan.any():
