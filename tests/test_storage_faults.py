@@ -193,15 +193,21 @@ def trained(tmp_path_factory, digits_root):
     return cfg, config, tmp
 
 
-@contextmanager
-def damaged(path: Path, how: str = "cut"):
-    """``path`` cut to half its size (a copy killed mid-way, a full disk), or with one byte of its tensors
-    changed (same size, same header); put back as it was afterwards."""
+def damage(path: Path, how: str = "cut") -> bytes:
+    """Cut ``path`` to half its size (a copy killed mid-way, a full disk), or change one byte of its
+    tensors (same size, same header); return what it held."""
     whole = path.read_bytes()
     if how == "cut":
         path.write_bytes(whole[: len(whole) // 2])
     else:
         path.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0xFF]))
+    return whole
+
+
+@contextmanager
+def damaged(path: Path, how: str = "cut"):
+    """:func:`damage` for the block; ``path`` put back as it was afterwards."""
+    whole = damage(path, how)
     try:
         yield path
     finally:
@@ -244,14 +250,14 @@ def test_bundle_names_a_damaged_checkpoint(trained, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
 
 
-def test_train_trains_a_fold_again_whose_checkpoint_was_cut_short(trained, capsys):
+@pytest.mark.parametrize("how", ["cut", "changed"])
+def test_train_trains_a_fold_again_whose_checkpoint_was_damaged(trained, capsys, how):
     """``make train-folds`` called the fold done, because "up to date" only checked that the file and its
     stamp existed."""
     cfg, config, _ = trained
     model = cfg.backbones[0].slug
     fold0, fold1 = (Paths(cfg).fold_dir(model, k) / "best.safetensors" for k in (0, 1))
-    whole = fold0.read_bytes()
-    fold0.write_bytes(whole[: len(whole) // 2])
+    damage(fold0, how)  # and never put back: train puts it right
     untouched = fold1.stat().st_mtime_ns
     capsys.readouterr()
     assert cli.main(["train", "-c", config]) == 0

@@ -47,10 +47,11 @@ def fold_is_done(cfg: Config, bcfg: BackboneConfig, fold: int) -> bool:
 
 def discard_damaged(cfg: Config, bcfg: BackboneConfig, fold: int) -> list[str]:
     """Remove the fold's files that are not what was written (a checkpoint cut short by a full disk or a
-    killed copy), with their stamps, so that the fold is trained again; one line per file."""
+    killed copy, or changed: SHA-256), with their stamps, so that the fold is trained again; one line
+    per file. Once per fold and train run: it reads every file whole."""
     lines = []
     for out in fold_outputs(Paths(cfg).fold_dir(bcfg.slug, fold), True):
-        problem = artifacts.file_problem(out) if out.exists() else None
+        problem = artifacts.file_problem(out, digest=True) if out.exists() else None
         if problem:
             artifacts.discard(out)
             lines.append(f"{bcfg.slug} fold {fold}: {out} is damaged ({problem}); training the fold again")
