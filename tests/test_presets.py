@@ -135,6 +135,10 @@ def test_init_writes_balanced_and_its_commented_keys_are_a_valid_choice(tmp_path
     assert "backbones" not in raw and "ensemble" not in raw and "tta" not in raw["augment"]
     assert "unfreeze" not in raw["train"] and "epochs" not in raw["train"]["unfrozen"]
     assert "lr" in raw["train"]["unfrozen"] and raw["train"]["linear_probe"] is True  # the rest stays
+    for name in presets.PRESETS:  # the written file with ARGS="preset=<name>" is that preset, every key of it
+        chosen = load_config(path, [f"preset={name}"])
+        assert resolved(chosen) == DOCUMENTED[name]
+        assert chosen.augment.frozen_zoom == presets.preset_value(name, "augment.frozen_zoom")
     # uncommenting the backbones block chooses init's own backbone at the measured size
     lines = text.splitlines()
     first = lines.index(next(line for line in lines if line.startswith("# backbones:  ")))

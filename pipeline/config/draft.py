@@ -242,7 +242,8 @@ def _augment(out: _Lines, d: Draft) -> None:
     out.key(1, "resize", a.resize, "shorter side to image_size, centre crop (squash, pad)")
     out.setting(d, 1, "augment.tta", a.tta, "predictions averaged over the views (identity: the image; hflip: "
                                             "its mirror)")
-    out.key(1, "frozen_zoom", a.frozen_zoom, "frozen-only folds also predict through zoom (the central 80%)")
+    out.setting(d, 1, "augment.frozen_zoom", a.frozen_zoom,
+                "frozen-only folds also predict through zoom (the central 80%)")
 
 
 def _ensemble(out: _Lines, d: Draft) -> None:

@@ -53,6 +53,7 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         "train.unfreeze": ("auto", "fold 0 decides with a paired test whether fine-tuning beats the probe"),
         "train.unfrozen.epochs": (3, "when fine-tuning pays: 3 epochs at the photo defaults' LR"),
         "augment.tta": (["identity", "hflip"], "the image and its mirror (a budget run adds them where they fit)"),
+        "augment.frozen_zoom": (True, "frozen-only models also predict through the centre crop (zoom)"),
         "ensemble.methods": (["mean", "hill_climb"], "the plain mean and a greedy blend scored by nested CV"),
     },
     "best": {
@@ -60,6 +61,7 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         "train.unfreeze": ("auto", "fold 0 decides with a paired test whether fine-tuning beats the probe"),
         "train.unfrozen.epochs": (3, "when fine-tuning pays: 3 epochs at the photo defaults' LR"),
         "augment.tta": (["identity", "hflip"], "the image and its mirror"),
+        "augment.frozen_zoom": (True, "frozen-only models also predict through the centre crop (zoom)"),
         "ensemble.methods": (["mean", "hill_climb", "stacking"], "the mean, a greedy blend and a stacked model, "
                                                                  "each scored by nested CV"),
     },
