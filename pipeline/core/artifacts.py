@@ -106,7 +106,7 @@ def _read_stamp(output: Path) -> tuple[str | None, dict]:
     try:
         written = json.loads(lines[1]) if len(lines) > 1 else {}
     except ValueError:
-        written = {"bytes": -1}  # a stamp cut short: nothing it says is trusted
+        written = {"stamp": "damaged"}  # a stamp cut short (a killed copy): nothing it says is trusted
     return (lines[0].strip() if lines else None), (written if isinstance(written, dict) else {})
 
 
@@ -159,6 +159,8 @@ def file_problem(path: Path | str, digest: bool = False) -> str | None:
         size = path.stat().st_size
     except OSError:
         return "it is missing"
+    if written.get("stamp") == "damaged":
+        return f"its stamp {_stamp_path(path).name} is damaged"
     if "bytes" in written and size != written["bytes"]:
         return f"{size} bytes where {written['bytes']} were written: cut short or overwritten"
     if path.suffix == ".safetensors":
