@@ -130,8 +130,8 @@ def run_recipe(set_dir: Path, recipe: str, folder: Path, opts: SuiteOptions) -> 
 
 
 def bench_suite(opts: SuiteOptions, csv_path: Path = SUITE_CSV) -> str:
-    """Every recipe on every set; the rows appended to ``csv_path``; Markdown of this run's table."""
-    from pipeline.core import artifacts
+    """Every recipe on every set; each row appended to ``csv_path`` as it is measured; Markdown of
+    this run's table."""
     from pipeline.core.errors import PipelineError
 
     missing = [s for s in opts.sets if not (opts.data / s / "solution.csv").exists()]
@@ -144,11 +144,18 @@ def bench_suite(opts: SuiteOptions, csv_path: Path = SUITE_CSV) -> str:
             row = run_recipe(opts.data / name, recipe, opts.work_dir / name / recipe, opts)
             rows.append({**row, "date": date, "commit": commit})
             print(f"suite: {row}", flush=True)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    if csv_path.exists():
-        frame = pd.concat([pd.read_csv(csv_path, dtype=str, keep_default_na=False), frame.astype(str)])
-    artifacts.write_csv(csv_path, frame)
+            _append(csv_path, rows[-1])  # each row as it is measured: a killed suite keeps what it measured
     return suite_table(pd.DataFrame(rows, columns=COLUMNS), opts)
+
+
+def _append(csv_path: Path, row: dict) -> None:
+    """``row`` appended to the suite's CSV (written whole, atomically, with the rows before it)."""
+    from pipeline.core import artifacts
+
+    frame = pd.DataFrame([row], columns=COLUMNS).astype(str)
+    if csv_path.exists():
+        frame = pd.concat([pd.read_csv(csv_path, dtype=str, keep_default_na=False), frame])
+    artifacts.write_csv(csv_path, frame)
 
 
 def suite_table(frame: pd.DataFrame, opts: SuiteOptions) -> str:
