@@ -260,6 +260,7 @@ class _Screen:
                 or (present is not None and present.get("digest") == self.digest)):
             return False
         fold_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.unstamp(p for p in fold_dir.iterdir() if not p.name.startswith("."))  # the replaced run's stamps
         for name in ("best.safetensors", "history.csv", "kept.json", "resume.safetensors"):  # resume last: a
             if (self.dir / name).exists():  # copy cut short is redone by the next run
                 artifacts.copy_file(self.dir / name, fold_dir / name)
