@@ -135,3 +135,25 @@ def test_ranked_by_the_honest_score_not_the_in_sample_oof(tmp_path, metric, orde
     score = board.set_index("model")["score"]
     assert score[["hill_climb", "weighted", "mean"]].tolist() == pytest.approx([0.78, 0.79, 0.82])  # nested_cv
     assert score[["alpha", "beta"]].tolist() == pytest.approx([0.80, 0.70])  # cv_mean
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
+def test_a_tie_goes_to_the_ensemble_then_to_the_steadier_folds(tmp_path, metric):
+    # steel, 2026-12-07: lite2 and the mean of three tied at 0.9967 CV; the member, listed first,
+    # was the pick and scored 0.9667 on the hidden test against the mean's 0.9833
+    cfg = make_board(tmp_path, metric, scores={"alpha": ("backbone", 0.80), "beta": ("backbone", 0.80),
+                                               "mean": ("ensemble", 0.80)}, nested={"mean": 0.80})
+    for model, folds in (("alpha", [0.70, 0.90]), ("beta", [0.79, 0.81])):
+        path = Paths(cfg).backbone_dir(model) / "cv.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "folds": folds}))
+    board = pd.read_csv(run_leaderboard(cfg))
+    assert board["model"].tolist() == ["mean", "beta", "alpha"]
+
+
+def test_ranked_breaks_ties_without_moving_a_better_score():
+    from pipeline.ensembles.scores import ranked
+
+    frame = pd.DataFrame({"model": ["a", "m", "b", "c"], "kind": ["backbone", "ensemble", "backbone", "backbone"],
+                          "score": [0.9, 0.8, 0.9, float("nan")], "cv_std": [0.02, 0.0, 0.01, 0.0]})
+    assert ranked(frame, True)["model"].tolist() == ["b", "a", "m", "c"]
+    assert ranked(frame, False)["model"].tolist() == ["m", "b", "a", "c"]

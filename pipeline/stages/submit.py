@@ -43,7 +43,7 @@ from pipeline.core.errors import PipelineError, first_few
 from pipeline.data.tables import read_csv, require_columns
 from pipeline.domain.metrics import get_metric
 from pipeline.domain.tasks import TaskSpec
-from pipeline.ensembles.scores import LOG_COLUMNS, honest_score, read_submissions_log
+from pipeline.ensembles.scores import LOG_COLUMNS, honest_score, ranked, read_submissions_log
 from pipeline.ensembles.submission import (
     SubmissionFormat,
     load_spec,
@@ -203,7 +203,7 @@ def _best_cv(cfg: Config, metric_name: str) -> str:
     board = board.dropna(subset=["score"])
     if not len(board):
         return f"no {metric_name} CV on the leaderboard for {cfg.name}"
-    best = board.sort_values("score", ascending=not get_metric(metric_name).greater_is_better).iloc[0]
+    best = ranked(board, get_metric(metric_name).greater_is_better).iloc[0]
     kind = "nested CV" if pd.notna(best.get("nested_cv")) else "CV"
     return f"best CV on the leaderboard: {best['model']} {best['score']:.4f} ({kind})"
 
