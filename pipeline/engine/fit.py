@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config.schema import PhaseConfig, TrainConfig
+from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
 from pipeline.domain.tasks import TaskSpec
 from pipeline.domain.transforms import TTA_VIEWS, normalize
@@ -94,6 +95,21 @@ class Runtime:
             fit = max(CPU_PASS_PIXELS // (x.shape[-1] * x.shape[-2]), 1)
             limit = min(limit, 1 << (fit.bit_length() - 1))
         return x.split(max(limit, 1))
+
+    def train_chunk(self, model: nn.Module, x: torch.Tensor) -> int | None:
+        """Images per forward+backward pass of the training batch ``x``, or None for the whole batch
+        at once. On a CPU a training step runs slower per image in large passes (EfficientNet-Lite2
+        at 260 px: 5.5 img/s at batch 64 against 11.7 at 16; BENCHMARKS.md, CPU passes), so the
+        batch goes through in the passes :meth:`passes` sizes and their gradients add up before
+        the one optimizer step. That is the same step, since every loss is a mean over the batch's
+        rows, as long as no BatchNorm layer normalises with the batch's own statistics
+        (``train.freeze_bn``, the default, keeps them frozen); otherwise, on CUDA and under DDP
+        the batch goes through whole."""
+        if self.cuda or distributed.enabled() or any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+            return None
+        chunk = len(self.passes(x)[0])
+        return chunk if chunk < len(x) else None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
@@ -389,9 +405,17 @@ class Stepper:
         self._bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.backward_part(loss)
+        self.end_batch(last)
+
+    def backward_part(self, loss: torch.Tensor, share: float = 1.0) -> None:
+        """The gradients of one pass of a batch, ``share`` of its rows (1.0: the whole batch)."""
         self._bad |= ~torch.isfinite(loss.detach())
-        scaled = loss / self.accum
+        scaled = loss / self.accum if share == 1.0 else loss * (share / self.accum)
         (self.runtime.scaler.scale(scaled) if self.runtime.scaler else scaled).backward()
+
+    def end_batch(self, last: bool) -> None:
+        """One batch's gradients are in: the optimizer steps every ``accum`` batches and after the last."""
         self._pending += 1
         if self._pending == self.accum or last:
             self._step()
@@ -430,10 +454,12 @@ def run_batches(batches: Iterable, step_fn: Callable, stepper: Stepper, n_batche
     total, images, start = torch.zeros((), device=stepper.runtime.device), 0, time.perf_counter()
     bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress, mininterval=1.0)
     for i, batch in enumerate(bar):
-        loss, n = step_fn(batch)
-        stepper.backward(loss, last=i == n_batches - 1)
-        total += loss.detach().float() * n
-        images += n
+        out = step_fn(batch)  # (loss, images), or an iterator of (loss, images, share) per pass of the batch
+        for loss, n, share in ([(*out, 1.0)] if isinstance(out, tuple) else out):
+            stepper.backward_part(loss, share)
+            total += loss.detach().float() * n
+            images += n
+        stepper.end_batch(last=i == n_batches - 1)
         if progress and i % 5 == 0:
             stepper.check_finite(desc)
             bar.set_postfix(loss=f"{total.item() / max(images, 1):.4f}",

@@ -81,9 +81,13 @@ def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
 
     def train_step():
         train_mode(model, cfg.train)  # as the unfrozen phase trains (frozen BatchNorm statistics are faster)
-        with rt.autocast():
-            loss = loss_fn(model(rt.images(x)), y.to(rt.device))
-        stepper.backward(loss, last=True)
+        images, targets = rt.images(x), y.to(rt.device)
+        chunk = rt.train_chunk(model, images) or len(images)  # in the passes the unfrozen phase makes
+        for xs, ys in zip(images.split(chunk), targets.split(chunk)):
+            with rt.autocast():
+                loss = loss_fn(model(xs), ys)
+            stepper.backward_part(loss, len(xs) / len(images))
+        stepper.end_batch(last=True)
 
     @torch.no_grad()
     def infer_step():

@@ -154,15 +154,34 @@ def train_mode(model: nn.Module, tcfg: TrainConfig) -> None:
 
 
 def model_loss(trainer, net, batch, mixup):
+    """The batch's loss and images, or on a CPU an iterator over its passes
+    (:meth:`~pipeline.engine.fit.Runtime.train_chunk`): each pass's loss, images and share."""
     x, y = batch
     x, y = trainer.rt.images(x), y.to(trainer.rt.device, non_blocking=True)
     if mixup is not None:
         x, y = mixup(x, y.long())
+    chunk = trainer.rt.train_chunk(trainer.model, x)
+    if chunk is not None:
+        return chunk_losses(trainer, net, x, y, chunk)
     with trainer.rt.autocast():
         loss = trainer.loss_fn(net(x), y)
     if trainer.batch_losses is not None:  # the finetune benchmark's record (a device sync per batch)
         trainer.batch_losses.append(float(loss.detach()))
     return loss, len(x)
+
+
+def chunk_losses(trainer, net, x, y, chunk: int):
+    """One batch in passes of ``chunk`` images: each pass's loss (a mean over its rows), images
+    and share of the batch, its backward taken before the next pass's forward."""
+    batch_loss = 0.0
+    for xs, ys in zip(x.split(chunk), y.split(chunk)):
+        with trainer.rt.autocast():
+            loss = trainer.loss_fn(net(xs), ys)
+        yield loss, len(xs), len(xs) / len(x)
+        if trainer.batch_losses is not None:
+            batch_loss += float(loss.detach()) * len(xs) / len(x)
+    if trainer.batch_losses is not None:
+        trainer.batch_losses.append(batch_loss)
 
 
 def ddp(model: nn.Module, rt) -> nn.Module:
