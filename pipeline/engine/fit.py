@@ -99,7 +99,7 @@ class Runtime:
     def train_chunk(self, model: nn.Module, x: torch.Tensor) -> int | None:
         """Images per forward+backward pass of the training batch ``x``, or None for the whole batch
         at once. On a CPU a training step runs slower per image in large passes (EfficientNet-Lite2
-        at 260 px: 5.5 img/s at batch 64 against 11.7 at 16; BENCHMARKS.md, CPU passes), so the
+        at 260 px, batch 64: 4-5 img/s whole, 13-14 in passes; benchmarks/studies/cpu_train_passes.py), so the
         batch goes through in the passes :meth:`passes` sizes and their gradients add up before
         the one optimizer step. That is the same step, since every loss is a mean over the batch's
         rows, as long as no BatchNorm layer normalises with the batch's own statistics
