@@ -24,7 +24,7 @@ from pipeline.domain.metrics import METRICS
 from pipeline.ensembles.inference import checkpoint_differences, prediction_settings
 from pipeline.stages.folds import run_folds
 from pipeline.stages.train import run_train
-from pipeline.training.fingerprint import fold_digest, fold_is_done
+from pipeline.training.fingerprint import AFTER_FOLDS, fold_digest, fold_is_done
 from pipeline.training.tuned import objective_parts, tune_budget
 
 # text keys with a closed set of values: the others valid for each
@@ -74,6 +74,7 @@ VALUES = {
     "train.num_workers": 2,
     "train.pseudo_labels": "pseudo.csv",
     "augment.train": [],
+    "augment.crop_pct": 0.875,
     "augment.tta": ["identity", "hflip"],
     "tune.storage": "sqlite:///elsewhere.db",
     "submission.competition": "some-competition",
@@ -169,6 +170,8 @@ def test_every_key_changes_the_fold_digest_unless_it_is_run_only(make_config):
         before = digest(unchanged)
         if is_run_only(key):
             assert digest(changed) == before, f"run-only key {key}: {value!r} -> {new!r} changed the fold digest"
+        elif key in {f"train.{k}" for k in AFTER_FOLDS}:  # a result key of the model's test predictions, not of a fold
+            assert digest(changed) == before, f"{key} acts after the folds: {value!r} -> {new!r} changed the digest"
         else:
             assert digest(changed) != before, (f"{key}: {value!r} -> {new!r} left the fold digest as it was; "
                                                f"a key that cannot change a result belongs in RUN_ONLY_KEYS")

@@ -66,3 +66,54 @@ def test_the_zoom_view_crops_the_centre_and_keeps_the_size():
 def test_zoom_is_a_valid_tta_and_probe_view(make_config):
     cfg = make_config("augment.tta=[identity,zoom]", "train.probe_views=[identity,zoom]")
     assert cfg.augment.tta == ["identity", "zoom"] and cfg.train.probe_views == ["identity", "zoom"]
+
+
+# ---------------------------------------------------------------------------- augment.crop_pct
+
+
+def _rings(side: int) -> np.ndarray:
+    """A square whose outer eighth of each side is black and the rest white."""
+    img = np.zeros((side, side, 3), np.uint8)
+    edge = side // 8
+    img[edge:side - edge, edge:side - edge] = 255
+    return img
+
+
+@pytest.mark.parametrize("policy", ["crop", "squash"])
+def test_crop_pct_frames_the_centre_as_timm_does(policy):
+    """At crop_pct 0.875 a 256-px image is not rescaled: its central 224 px are the input (timm's
+    eval transform at 224 px: scale to 256, centre crop 224)."""
+    img = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    out = eval_transform(224, "bicubic", policy, crop_pct=0.875)(image=img)["image"].numpy()
+    assert np.array_equal(out, img[16:240, 16:240].transpose(2, 0, 1))
+    # a small image is enlarged to 256 first and 16 px go on each side: a 4-px black border of a
+    # 32-px image is 28 px wide in the whole image, 32 - 16 in the framed one
+    whole = eval_transform(224, "nearest", policy)(image=_rings(32))["image"].numpy()
+    framed = eval_transform(224, "nearest", policy, crop_pct=0.875)(image=_rings(32))["image"].numpy()
+    assert whole[:, 22, 112].max() == 0 and framed[:, 22, 112].min() == 255
+
+
+def test_a_large_image_shrinks_without_aliasing():
+    """Shrinking averages the pixels it drops (area), as Pillow's resize in timm's transform does:
+    a one-pixel checkerboard becomes flat grey, not a pattern of its samples."""
+    board = (np.indices((448, 448)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, 2)
+    out = eval_transform(112, "bicubic", "crop", crop_pct=1.0)(image=board)["image"].numpy().astype(int)
+    assert abs(out.mean() - 127.5) < 2 and out.std() < 3
+
+
+def test_crop_pct_null_is_the_backbones_pretrained_framing(make_config):
+    import timm
+
+    from pipeline.engine.backbones import data_config
+
+    cfg = make_config()
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    pretrained = timm.data.resolve_model_data_config(model)["crop_pct"]
+    assert cfg.augment.crop_pct == 1.0 == data_config(model, cfg.backbones[0], cfg.augment.crop_pct)["crop_pct"]
+    assert data_config(model, cfg.backbones[0], None)["crop_pct"] == pretrained < 1
+
+
+@pytest.mark.parametrize("value", [0.3, 1.2, "half"])
+def test_a_bad_crop_pct_is_a_config_error(make_config, value):
+    with pytest.raises(PipelineError, match="augment.crop_pct"):
+        make_config(f"augment.crop_pct={value}")

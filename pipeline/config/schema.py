@@ -185,6 +185,9 @@ class TrainConfig:
     cache_features: bool = True  # frozen phase on cached pooled features when possible
     linear_probe: bool = True  # fit the head to convergence on cached features (LP-FT)
     probe_views: list[str] = field(default_factory=lambda: ["identity"])  # TTA views the probe trains on
+    # frozen-only models with the linear probe: the test set is predicted by one more probe fitted on every train
+    # row (the fold heads still give the OOF predictions and the CV); false: by the mean of the fold heads
+    all_rows_probe: bool = True
     use_tuned: str = "auto"  # auto (use tune/best.json when present) | true | false
     seed: int = 42
     deterministic: bool = False  # deterministic kernels, cuDNN without autotuning (slower)
@@ -260,6 +263,9 @@ class AugmentConfig:
     train: list[dict] = field(default_factory=lambda: [{"name": "HorizontalFlip", "p": 0.5}])
     frozen_phase: bool = False  # augment during the frozen phase too (disables the feature cache)
     resize: str = "crop"  # crop (shorter side, centre) | squash | pad: how every image becomes square
+    # crop and squash: scale to image_size / crop_pct, keep the central image_size square; 1.0: the whole image;
+    # null: each backbone's pretrained crop_pct (timm's eval framing, 0.875-0.95 for most timm models)
+    crop_pct: Optional[float] = 1.0
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
     # a backbone whose folds are frozen-only (unfreeze never, auto deciding frozen-only, no unfrozen epoch)
     # predicts through the zoom view too (the central 80%, resized back): it helped probes, not fine-tuned models
@@ -279,6 +285,9 @@ class AugmentConfig:
         _check(len(self.tta) >= 1, f"{key}.tta", "list at least one view (identity)")
         _check(self.resize in ("crop", "squash", "pad"), f"{key}.resize",
                f"'{self.resize}' is not a resize policy; valid: crop, squash, pad")
+        _check(self.crop_pct is None or (isinstance(self.crop_pct, (int, float)) and 0.5 <= self.crop_pct <= 1.0),
+               f"{key}.crop_pct", f"{self.crop_pct!r}: a share of each side in [0.5, 1.0], or null for the "
+                                  f"backbone's pretrained framing")
         for view in self.tta:
             _check(view in TTA_VIEWS, f"{key}.tta", f"'{view}' is not a TTA view; valid: {', '.join(TTA_VIEWS)}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import artifacts
-from pipeline.domain.transforms import resize_transform
+from pipeline.domain.transforms import resize_transform, scaled_side
 
 
 class ImageCache:
@@ -32,24 +32,27 @@ class ImageCache:
     pass and parallel process shares one copy through the OS page cache.
     """
 
-    VERSION = 2  # in the file key: bump when the decode or the resize changes
+    VERSION = 3  # in the file key: bump when the decode or the resize changes (3: area when shrinking)
 
-    def __init__(self, paths, size: int, interpolation: str, threads: int | None = None, resize: str = "crop"):
+    def __init__(self, paths, size: int, interpolation: str, threads: int | None = None, resize: str = "crop",
+                 crop_pct: float = 1.0):
         paths = list(paths)
         self.array = np.empty((len(paths), size, size, 3), dtype=np.uint8)
         self.path = None
-        _fill(self.array, paths, size, interpolation, resize, threads)
+        _fill(self.array, paths, size, interpolation, resize, threads, crop_pct)
 
     @classmethod
-    def file_for(cls, directory, paths, size: int, interpolation: str, resize: str = "crop"):
+    def file_for(cls, directory, paths, size: int, interpolation: str, resize: str = "crop", crop_pct: float = 1.0):
         """The cache file of these image files (path, byte size, modification time) at this size."""
         stats = [(p, st.st_size, st.st_mtime_ns) for p in map(str, paths) for st in [os.stat(p)]]
         key = artifacts.fingerprint({"files": stats, "size": size, "interpolation": interpolation,
-                                     "resize": resize, "version": cls.VERSION})
+                                     "resize": resize, "version": cls.VERSION,
+                                     **({"crop_pct": crop_pct} if crop_pct < 1.0 else {})})
         return Path(directory) / f"images-{size}px-{key[:20]}.npy"
 
     @staticmethod
-    def build(path, paths, size: int, interpolation: str, resize: str = "crop", threads: int | None = None) -> bool:
+    def build(path, paths, size: int, interpolation: str, resize: str = "crop", threads: int | None = None,
+              crop_pct: float = 1.0) -> bool:
         """Write the cache file ``path`` unless it exists; True when this call wrote it."""
         path = Path(path)
         if path.exists():
@@ -60,7 +63,7 @@ class ImageCache:
         os.close(fd)
         try:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-            _fill(array, paths, size, interpolation, resize, threads)
+            _fill(array, paths, size, interpolation, resize, threads, crop_pct)
             array.flush()
             del array
             if path.exists():  # another process finished first: keep its file (the same bytes)
@@ -105,14 +108,16 @@ class ImageCache:
         return np.array(self.array[i])  # a writable copy: a transform may work in place, the file is read-only
 
 
-def _fill(array: np.ndarray, paths: list, size: int, interpolation: str, policy: str, threads: int | None) -> None:
+def _fill(array: np.ndarray, paths: list, size: int, interpolation: str, policy: str, threads: int | None,
+          crop_pct: float = 1.0) -> None:
     """Decode and resize every image into ``array`` (threads: OpenCV releases the GIL)."""
     from pipeline.data.images import load_image
 
-    resize = resize_transform(size, interpolation, policy)
+    resize = resize_transform(size, interpolation, policy, crop_pct)
+    side = scaled_side(size, crop_pct)
 
     def fill(i: int) -> None:
-        array[i] = resize(image=load_image(paths[i], size, policy))["image"]
+        array[i] = resize(image=load_image(paths[i], side, policy))["image"]
 
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
         list(pool.map(fill, range(len(paths))))

@@ -44,17 +44,32 @@ TTA_VIEWS = {
 RESIZE_POLICIES = ("crop", "squash", "pad")
 
 
-def resize_transform(size: int, interpolation: str, policy: str = "crop") -> A.BasicTransform:
+def scaled_side(size: int, crop_pct: float = 1.0) -> int:
+    """The side an image is scaled to before the central ``size`` x ``size`` is kept: ``size /
+    crop_pct``, as timm's eval transform computes it (``crop_pct`` 0.875 at 224 px: 256)."""
+    return size if crop_pct >= 1.0 else int(size / crop_pct)
+
+
+def resize_transform(size: int, interpolation: str, policy: str = "crop", crop_pct: float = 1.0) -> A.BasicTransform:
     """Any image to ``size`` x ``size``: ``crop`` scales the shorter side to ``size`` and takes the
     centre (aspect ratio kept, the long side's edges lost), ``squash`` scales both sides (nothing
     lost, shapes distorted), ``pad`` scales the longer side and pads with black (nothing lost or
-    distorted, a smaller object). Square images give the same pixels under all three."""
+    distorted, a smaller object). Square images give the same pixels under all three.
+
+    ``crop_pct`` below 1 (``crop`` and ``squash``): the image is first scaled to ``size / crop_pct``
+    and its central ``size`` x ``size`` kept, the framing a timm backbone was evaluated with in
+    pretraining (its pretrained config's ``crop_pct``, e.g. 0.875): the border goes, the object
+    fills more of the input. Shrinking uses area interpolation (anti-aliased, as Pillow's resize
+    in timm's transform is); enlarging uses ``interpolation``."""
     interp = INTERPOLATION.get(interpolation, cv2.INTER_CUBIC)
+    side = scaled_side(size, crop_pct) if policy != "pad" else size
     if policy == "squash":
-        return A.Resize(size, size, interpolation=interp)
+        scale = A.Resize(side, side, interpolation=interp, area_for_downscale="image")
+        return scale if side == size else A.Compose([scale, A.CenterCrop(size, size)])
     if policy == "crop":
-        return A.Compose([A.SmallestMaxSize(max_size=size, interpolation=interp), A.CenterCrop(size, size)])
-    return A.Compose([A.LongestMaxSize(max_size=size, interpolation=interp),
+        return A.Compose([A.SmallestMaxSize(max_size=side, interpolation=interp, area_for_downscale="image"),
+                          A.CenterCrop(size, size)])
+    return A.Compose([A.LongestMaxSize(max_size=size, interpolation=interp, area_for_downscale="image"),
                       A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0)])
 
 
@@ -86,14 +101,15 @@ def build_user_transform(spec: dict, index: int, size: int = 224) -> A.BasicTran
         raise PipelineError(f"config key augment.train[{index}] ({name}): bad arguments {spec}: {exc}") from None
 
 
-def train_transform(specs: list[dict], size: int, interpolation: str, resize: str = "crop") -> A.Compose:
+def train_transform(specs: list[dict], size: int, interpolation: str, resize: str = "crop",
+                    crop_pct: float = 1.0) -> A.Compose:
     user = [build_user_transform(s, i, size) for i, s in enumerate(specs)]
-    return A.Compose([resize_transform(size, interpolation, resize), *user, ToTensorV2()])
+    return A.Compose([resize_transform(size, interpolation, resize, crop_pct), *user, ToTensorV2()])
 
 
-def eval_transform(size: int, interpolation: str, resize: str = "crop") -> A.Compose:
-    """Deterministic: the image brought to ``size`` by the ``resize`` policy."""
-    return A.Compose([resize_transform(size, interpolation, resize), ToTensorV2()])
+def eval_transform(size: int, interpolation: str, resize: str = "crop", crop_pct: float = 1.0) -> A.Compose:
+    """Deterministic: the image brought to ``size`` by the ``resize`` policy (and ``crop_pct``)."""
+    return A.Compose([resize_transform(size, interpolation, resize, crop_pct), ToTensorV2()])
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

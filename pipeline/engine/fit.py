@@ -470,6 +470,17 @@ def run_batches(batches: Iterable, step_fn: Callable, stepper: Stepper, n_batche
             "images_per_s": images / max(seconds, 1e-9)}
 
 
+def pass_losses(runtime: Runtime, loss_fn: Callable, net: Callable, x: torch.Tensor, y: torch.Tensor, chunk: int):
+    """A training batch in passes of ``chunk`` images (:meth:`Runtime.train_chunk`): each pass's
+    loss (a mean over its rows), its images and its share of the batch. The caller takes each
+    pass's backward (``Stepper.backward_part(loss, share)``) before the next pass's forward, so
+    one pass's activations are held at a time."""
+    for xs, ys in zip(x.split(chunk), y.split(chunk)):
+        with runtime.autocast():
+            loss = loss_fn(net(xs), ys)
+        yield loss, len(xs), len(xs) / len(x)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

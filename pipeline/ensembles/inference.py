@@ -30,12 +30,14 @@ from pipeline.data.datasets import ImageDataset
 from pipeline.data.images import PATH
 from pipeline.data.tables import read_test_table
 from pipeline.domain.tasks import TaskSpec
-from pipeline.domain.transforms import eval_transform
+from pipeline.domain.transforms import eval_transform, scaled_side
 from pipeline.engine import checkpoints
 from pipeline.engine.backbones import create_backbone, data_config
 from pipeline.engine.fit import Runtime, activate_mean, default_workers, predict_logits
 from pipeline.ensembles import postprocess
 from pipeline.ensembles.submission import write_submission
+from pipeline.training import all_rows
+from pipeline.training.fingerprint import AFTER_FOLDS
 
 # the LRs a tune study may have replaced (the backbone's lr_source.json says so)
 TUNED_KEYS = ("train.frozen.lr", "train.unfrozen.lr", "train.unfrozen.backbone_lr_mult", "train.weight_decay")
@@ -43,6 +45,10 @@ TUNED_KEYS = ("train.frozen.lr", "train.unfrozen.lr", "train.unfrozen.backbone_l
 
 # chosen by train.time_budget_min's plan, which the checkpoint's resolved config holds: the config's value is a maximum
 BUDGETED_KEYS = ("train.unfrozen.epochs",)
+
+
+# what acts after the folds (the all-rows probe): a fold's weights do not depend on it
+AFTER_FOLD_KEYS = tuple(f"train.{k}" for k in AFTER_FOLDS)
 
 
 DATA_KEYS = ("task", "target_columns", "id_column", "positive_class", "label_separator")
@@ -65,7 +71,7 @@ def prediction_settings(cfg: Config, bcfg: BackboneConfig) -> dict:
 def checkpoint_differences(saved: dict, current: dict, tuned: bool, budgeted: bool = False) -> list[str]:
     """``key: checkpoint X, config Y`` for each setting that differs (run-only keys never; the tuned
     LRs not when ``tuned``; the planned epochs not when the current config has a time budget)."""
-    ignore = (TUNED_KEYS if tuned else ()) + (BUDGETED_KEYS if budgeted else ())
+    ignore = (TUNED_KEYS if tuned else ()) + (BUDGETED_KEYS if budgeted else ()) + AFTER_FOLD_KEYS
     return [f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
             for k in setting_changes(saved, current, ignore)]
 
@@ -117,20 +123,26 @@ class FoldCheckpoint:
         return model
 
     @torch.no_grad()
-    def predict(self, image_paths: list[str]) -> np.ndarray:
-        """Activated predictions ``(images, columns)``, averaged over the TTA views."""
+    def predict(self, image_paths: list[str], head: tuple[dict, TaskSpec] | None = None) -> np.ndarray:
+        """Activated predictions ``(images, columns)``, averaged over the TTA views; ``head``: another
+        head's weights and task spec on this fold's backbone (the all-rows probe)."""
         model, train, aug = self.model(), self.cfg.train, self.cfg.augment
-        dc = data_config(model, self.bcfg)
+        spec = self.spec
+        if head is not None:
+            model.get_classifier().load_state_dict(head[0])
+            spec = head[1]
+        dc = data_config(model, self.bcfg, aug.crop_pct)
         runtime = Runtime.create(train, dc["mean"], dc["std"])
         runtime.prepare_model(model)
-        dataset = ImageDataset(image_paths, None, eval_transform(dc["size"], dc["interpolation"], aug.resize),
-                               decode=(dc["size"], aug.resize))  # as train's predictions read them
+        dataset = ImageDataset(image_paths, None, eval_transform(dc["size"], dc["interpolation"], aug.resize,
+                                                                 dc["crop_pct"]),
+                               decode=(scaled_side(dc["size"], dc["crop_pct"]), aug.resize))  # as train reads them
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.bcfg.batch_size or train.batch_size,
                                              num_workers=default_workers(runtime, train.num_workers),
                                              pin_memory=runtime.cuda)
         batch = self.bcfg.batch_size or train.batch_size
-        return activate_mean(self.spec, predict_logits(model, loader, runtime, aug.tta,
-                                                       max_images=None if runtime.cuda else batch))
+        return activate_mean(spec, predict_logits(model, loader, runtime, aug.tta,
+                                                  max_images=None if runtime.cuda else batch))
 
 
 def predict_model(cfg: Config, model_id: str, image_paths: list[str]) -> tuple[np.ndarray, TaskSpec]:
@@ -143,6 +155,13 @@ def predict_model(cfg: Config, model_id: str, image_paths: list[str]) -> tuple[n
     for entry in members:
         folds = [FoldCheckpoint.load(cfg, entry, k) for k in range(cfg.folds.n_splits)]
         spec = dataclasses.replace(folds[0].spec, target_mean=0.0, target_std=1.0)
+        wanted = cfg.variant(entry)[0].train.all_rows_probe and all_rows.applies(folds[0].cfg, switch=False)
+        head = all_rows.saved_head(Paths(cfg).backbone_dir(entry.slug)) if wanted else None
+        if head is not None:  # a frozen-only model: its probe on all train rows (train.all_rows_probe)
+            print(f"predict: {entry.slug} all-rows probe on fold 0's backbone: {len(image_paths)} images x "
+                  f"{len(folds[0].cfg.augment.tta)} views")
+            per_member.append(folds[0].predict(image_paths, head))
+            continue
         preds = []
         for k, ckpt in enumerate(folds):
             print(f"predict: {entry.slug} fold {k}: {len(image_paths)} images x {len(ckpt.cfg.augment.tta)} views")

@@ -31,6 +31,7 @@ from pipeline.config.paths import Paths
 from pipeline.config.schema import Config, dump_config, load_config
 from pipeline.core import artifacts
 from pipeline.core.errors import PipelineError
+from pipeline.training import all_rows
 
 FOLD_FILES = ("best.safetensors", "kept.json", "config.yaml")
 
@@ -147,6 +148,9 @@ def run_bundle(cfg: Config, method: str | None = None, fp16: bool = False, out: 
             _copy_weights(src / "best.safetensors", target / "best.safetensors", fp16)
             for name in FOLD_FILES[1:]:
                 shutil.copy2(src / name, target / name)
+        if all_rows.saved_head(paths.backbone_dir(v.slug)) is not None:  # a frozen-only model's all-rows probe
+            shutil.copytree(paths.backbone_dir(v.slug) / all_rows.DIR, runs / v.slug / all_rows.DIR,
+                            ignore=shutil.ignore_patterns(".*"))  # not the stamps: a bundle has none
         for name in ("lr_source.json", "unfreeze.json"):  # the tuned LRs; train.unfreeze auto's decision
             if (paths.backbone_dir(v.slug) / name).exists():
                 shutil.copy2(paths.backbone_dir(v.slug) / name, runs / v.slug / name)

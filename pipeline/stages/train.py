@@ -30,6 +30,7 @@ from pipeline.domain.metrics import get_metric
 from pipeline.engine.backbones import check_model_name, check_weights
 from pipeline.engine.features import FeatureStore
 from pipeline.engine.fit import PROCESSES_ENV
+from pipeline.training import all_rows
 from pipeline.training.aggregate import aggregate_backbone, aggregate_seed_mean, fmt_score, honesty_note
 from pipeline.training.budget import planned_config
 from pipeline.training.executors import RayFolds
@@ -111,14 +112,14 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
                             _train_one(bcfg_cfg, bcfg, spec, fit_table, test, k, store)
                     distributed.barrier()
             if main:
-                _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test)
+                _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test, store if fold is None else None)
         if remote is not None:
             try:
                 _train_on_ray(remote)
             finally:
                 remote.close()
         for bcfg_cfg, bcfg, source, decision in on_ray if main else []:  # empty without train.executor ray
-            _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test)
+            _aggregate(bcfg_cfg, bcfg, source, decision, spec, table, test, store)
         for group, members in cfg.seed_groups().items():  # not in a --fold child: its config holds one variant
             if (main and fold is None and any(m in backbones for m in members)
                     and all(paths.cv_json(m.slug).exists() for m in members)):
@@ -129,10 +130,15 @@ def run_train(cfg: Config, backbone: str | None = None, fold: int | None = None,
     return paths.exp_dir
 
 
-def _aggregate(cfg: Config, bcfg: BackboneConfig, source: dict, decision, spec, table, test) -> None:
-    """The model's OOF, fold-averaged test predictions and cv.json, once all its folds are done."""
+def _aggregate(cfg: Config, bcfg: BackboneConfig, source: dict, decision, spec, table, test,
+               store: FeatureStore | None) -> None:
+    """The model's OOF, test predictions and cv.json, once all its folds are done; first, for a
+    frozen-only model, the all-rows probe (``store``: None in a ``--fold`` process, which leaves it
+    to the run that aggregates)."""
     paths = Paths(cfg)
     if all(fold_is_done(cfg, bcfg, k) for k in range(cfg.folds.n_splits)):
+        if store is not None and test is not None and all_rows.applies(cfg) and not all_rows.is_done(cfg, bcfg):
+            print(all_rows.fit(cfg, bcfg, spec, table, test, store))
         tuned_folds = list(cfg.tune.folds) if "tuned" in source else []
         cv = aggregate_backbone(cfg, bcfg, spec, table, test, tuned_folds, decision)
         tracking.end_model(cfg, bcfg, cv)

@@ -12,12 +12,14 @@ from pipeline.core.errors import PipelineError
 from pipeline.domain.metrics import get_metric
 from pipeline.domain.tasks import TaskSpec
 from pipeline.engine.fit import score
+from pipeline.training import all_rows
 from pipeline.training.fingerprint import total_epochs
 
 
 def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table: pd.DataFrame,
                        test: pd.DataFrame, tuned_folds: list[int] | None = None, decision: dict | None = None) -> dict:
-    """Per-backbone ``oof.csv`` (every train row once), fold-averaged ``test.csv``, ``cv.json``.
+    """Per-backbone ``oof.csv`` (every train row once), ``test.csv`` (the fold models' mean, or a
+    frozen-only model's all-rows probe: :mod:`pipeline.training.all_rows`), ``cv.json``.
 
     Two selections on validation rows make a CV optimistic, and cv.json says which happened:
     ``train.keep: best`` picks each fold's epoch by its own validation score (``selection``), and
@@ -33,9 +35,13 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
         raise PipelineError(f"fold OOF files of {bcfg.slug} do not cover every train row exactly once; "
                             f"re-run `make train-folds ARGS=--force`")
     oof = oof.loc[ids].reset_index()
-    tests = [spec.predictions_from_frame(pd.read_csv(paths.fold_dir(bcfg.slug, k) / "test.csv", dtype={id_col: str},
-                                                       keep_default_na=False))
-             for k in range(n)]
+    if all_rows.applies(cfg) and all_rows.is_done(cfg, bcfg):  # a frozen-only model: one probe on every train row
+        sources = [all_rows.outputs(cfg, bcfg)[-1]]
+        test_from = f"one linear probe on all {len(table)} train rows (train.all_rows_probe)"
+    else:
+        sources = [paths.fold_dir(bcfg.slug, k) / "test.csv" for k in range(n)]
+        test_from = f"the mean of the {n} fold models"
+    tests = [spec.predictions_from_frame(pd.read_csv(p, dtype={id_col: str}, keep_default_na=False)) for p in sources]
     test_frame = spec.predictions_frame(test[id_col], np.mean(tests, axis=0), id_col)
     y = spec.encode(table)
     preds = spec.predictions_from_frame(oof)
@@ -48,7 +54,7 @@ def aggregate_backbone(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, table:
     decided = [] if decision is None else [decision["fold"]]
     untouched = [s for k, s in enumerate(fold_scores) if k not in (tuned_folds or []) and k not in decided]
     kept = [artifacts.read_json(paths.fold_dir(bcfg.slug, k) / "kept.json")["kept"] for k in range(n)]
-    cv.update(tuned_folds=sorted(tuned_folds or []), decided_folds=decided, unfreeze=decision,
+    cv.update(test_from=test_from, tuned_folds=sorted(tuned_folds or []), decided_folds=decided, unfreeze=decision,
               cv_untuned=finite(np.nanmean(untouched)) if untouched else None,
               keep=cfg.train.keep, kept=kept,
               selection=("optimistic: each fold's epoch was picked on its own validation rows"

@@ -21,7 +21,15 @@ from pipeline.config.schema import BackboneConfig, Config, PhaseConfig
 from pipeline.core import artifacts
 from pipeline.domain.tasks import TaskSpec
 from pipeline.engine.backbones import create_backbone, data_config
-from pipeline.engine.fit import Runtime, Stepper, build_optimizer, build_scheduler, default_workers, make_loss
+from pipeline.engine.fit import (
+    Runtime,
+    Stepper,
+    build_optimizer,
+    build_scheduler,
+    default_workers,
+    make_loss,
+    pass_losses,
+)
 from pipeline.training.phases import train_mode
 
 
@@ -67,7 +75,7 @@ def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
     batch or a smaller ``batch`` (a quicker, on a GPU more pessimistic, measurement); with
     ``image_paths``, also of reading a few of those files through the train transform."""
     model = create_backbone(bcfg, spec.num_outputs, Paths(cfg).exp_dir)
-    dc = data_config(model, bcfg)
+    dc = data_config(model, bcfg, cfg.augment.crop_pct)
     rt = Runtime.create(cfg.train, dc["mean"], dc["std"])
     rt.prepare_model(model)
     size = dc["size"]
@@ -83,10 +91,8 @@ def measure_speeds(cfg: Config, bcfg: BackboneConfig, spec: TaskSpec, targets: n
         train_mode(model, cfg.train)  # as the unfrozen phase trains (frozen BatchNorm statistics are faster)
         images, targets = rt.images(x), y.to(rt.device)
         chunk = rt.train_chunk(model, images) or len(images)  # in the passes the unfrozen phase makes
-        for xs, ys in zip(images.split(chunk), targets.split(chunk)):
-            with rt.autocast():
-                loss = loss_fn(model(xs), ys)
-            stepper.backward_part(loss, len(xs) / len(images))
+        for loss, _, share in pass_losses(rt, loss_fn, model, images, targets, chunk):
+            stepper.backward_part(loss, share)
         stepper.end_batch(last=True)
 
     @torch.no_grad()
@@ -110,12 +116,13 @@ LOAD_IMAGES = 12  # files read to time the loading (after one untimed)
 def _load_speed(cfg: Config, dc: dict, image_paths) -> float:
     """Images/s of reading, decoding and transforming image files as a train loader does."""
     from pipeline.data.datasets import ImageDataset
-    from pipeline.domain.transforms import train_transform
+    from pipeline.domain.transforms import scaled_side, train_transform
 
     paths = list(image_paths)[:LOAD_IMAGES + 1]
     aug = cfg.augment
     dataset = ImageDataset(np.asarray(paths), None, train_transform(aug.train, dc["size"], dc["interpolation"],
-                                                                   aug.resize), decode=(dc["size"], aug.resize))
+                                                                   aug.resize, dc["crop_pct"]),
+                           decode=(scaled_side(dc["size"], dc["crop_pct"]), aug.resize))
     dataset[0]
     start = time.perf_counter()
     for i in range(1, len(paths)):

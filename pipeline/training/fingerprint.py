@@ -18,9 +18,15 @@ def fold_outputs(fold_dir: Path, with_test: bool) -> list[Path]:
     return outs + [fold_dir / "test.csv"] if with_test else outs
 
 
+# train keys that act after the folds (on the model's test predictions), so no fold depends on them
+AFTER_FOLDS = ("all_rows_probe",)
+
+
 def result_train_config(cfg: Config) -> dict:
-    """``cfg.train`` as a dict as digests hash it: its run-only keys cannot change the digest."""
-    return digest_section("train", dataclasses.asdict(cfg.train))
+    """``cfg.train`` as a dict as digests hash it: its run-only keys and :data:`AFTER_FOLDS` cannot
+    change the digest."""
+    values = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in AFTER_FOLDS}
+    return digest_section("train", values)
 
 
 def fold_digest(cfg: Config, bcfg: BackboneConfig, fold: int) -> str:

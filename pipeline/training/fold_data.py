@@ -15,7 +15,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.cache import ImageCache
 from pipeline.data.datasets import CacheRows, ImageDataset, seed_worker
 from pipeline.data.images import PATH
-from pipeline.domain.transforms import eval_transform, train_transform
+from pipeline.domain.transforms import eval_transform, scaled_side, train_transform
 from pipeline.engine.fit import Runtime, default_workers
 
 
@@ -65,7 +65,8 @@ class FoldData:
             return None
         table = self.table(test)
         size, interp, resize = self.dc["size"], self.dc["interpolation"], self.job.cfg.augment.resize
-        path = ImageCache.file_for(Paths(self.job.cfg).image_cache_dir, table[PATH], size, interp, resize)
+        crop_pct = self.dc["crop_pct"]
+        path = ImageCache.file_for(Paths(self.job.cfg).image_cache_dir, table[PATH], size, interp, resize, crop_pct)
         if not path.exists() and not ImageCache.fits_on_disk(path, len(table), size):
             print(f"image cache: {len(table)} images at {size}px would take "
                   f"{ImageCache.bytes_needed(len(table), size) / 2**30:.1f} GiB, over half the free space "
@@ -73,7 +74,8 @@ class FoldData:
             return None
         if distributed.enabled() or not path.exists():  # under torchrun every rank takes part in the lock
             with locks.hold(path, f"image cache {path.name}", "is being built", wait=True):
-                if distributed.is_main() and ImageCache.build(path, table[PATH], size, interp, resize):
+                if distributed.is_main() and ImageCache.build(path, table[PATH], size, interp, resize,
+                                                                      crop_pct=crop_pct):
                     print(f"image cache: {len(table)} {'test' if test else 'train'} images at {size}px decoded "
                           f"once into {path} ({ImageCache.bytes_needed(len(table), size) / 2**20:.1f} MiB, "
                           f"memory-mapped by every fold and process)")
@@ -91,12 +93,14 @@ class FoldData:
     def dataset(self, rows: np.ndarray, train: bool, test: bool = False) -> ImageDataset:
         size, interp = self.dc["size"], self.dc["interpolation"]
         aug = self.job.cfg.augment
-        transform = (train_transform(aug.train, size, interp, aug.resize) if train
-                     else eval_transform(size, interp, aug.resize))
+        crop_pct = self.dc["crop_pct"]
+        transform = (train_transform(aug.train, size, interp, aug.resize, crop_pct) if train
+                     else eval_transform(size, interp, aug.resize, crop_pct))
         cache = self.cache_for(test)
         targets = None if test else self.y[rows]
         return ImageDataset(self.table(test)[PATH].to_numpy()[rows], targets, transform,
-                            None if cache is None else CacheRows(cache, rows), decode=(size, aug.resize))
+                            None if cache is None else CacheRows(cache, rows),
+                            decode=(scaled_side(size, crop_pct), aug.resize))
 
     def loader(self, dataset, sampler=None, batch_sampler=None, drop_last=False, persistent=False):
         """Pinned memory on CUDA; workers sized to the machine; ``persistent`` keeps them for every

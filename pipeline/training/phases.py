@@ -18,7 +18,15 @@ from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
 from pipeline.data.datasets import SeededSampler
 from pipeline.engine.backbones import freeze_batchnorm_stats, frozen_train_mode, pooled_features, set_frozen
-from pipeline.engine.fit import Stepper, build_optimizer, build_scheduler, group_lrs, run_batches, seed_everything
+from pipeline.engine.fit import (
+    Stepper,
+    build_optimizer,
+    build_scheduler,
+    group_lrs,
+    pass_losses,
+    run_batches,
+    seed_everything,
+)
 from pipeline.engine.probe import fit_linear_probe
 
 NO_LRS = {"lr_head": float("nan"), "lr_backbone": 0.0}  # the linear probe's history row: no LR
@@ -174,12 +182,10 @@ def chunk_losses(trainer, net, x, y, chunk: int):
     """One batch in passes of ``chunk`` images: each pass's loss (a mean over its rows), images
     and share of the batch, its backward taken before the next pass's forward."""
     batch_loss = 0.0
-    for xs, ys in zip(x.split(chunk), y.split(chunk)):
-        with trainer.rt.autocast():
-            loss = trainer.loss_fn(net(xs), ys)
-        yield loss, len(xs), len(xs) / len(x)
+    for loss, n, share in pass_losses(trainer.rt, trainer.loss_fn, net, x, y, chunk):
+        yield loss, n, share
         if trainer.batch_losses is not None:
-            batch_loss += float(loss.detach()) * len(xs) / len(x)
+            batch_loss += float(loss.detach()) * share
     if trainer.batch_losses is not None:
         trainer.batch_losses.append(batch_loss)
 

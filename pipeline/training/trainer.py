@@ -69,7 +69,7 @@ class FoldTrainer:
         self.metric = get_metric(cfg.metric, job.spec.task)
         seed_everything(self.tcfg.seed)  # same initial model in every fold
         self.model = create_backbone(job.bcfg, job.spec.num_outputs, Paths(cfg).exp_dir)
-        self.dc = data_config(self.model, job.bcfg)
+        self.dc = data_config(self.model, job.bcfg, cfg.augment.crop_pct)
         device = f"cuda:{distributed.local_rank()}" if distributed.enabled() and torch.cuda.is_available() else None
         self.rt = Runtime.create(self.tcfg, self.dc["mean"], self.dc["std"], device)
         self.rt.prepare_model(self.model)
@@ -185,9 +185,10 @@ class FoldTrainer:
 
     def images_key(self) -> str:
         """What the frozen backbone's outputs depend on: weights, size, images and their order."""
+        framing = {"shrink": "area", **({"crop_pct": self.dc["crop_pct"]} if self.dc["crop_pct"] < 1.0 else {})}
         return artifacts.fingerprint({"backbone": dataclasses.asdict(self.job.bcfg), "size": self.dc["size"],
                                       "seed": self.tcfg.seed, "adapt_bn": self.tcfg.adapt_bn,
-                                      "resize": self.job.cfg.augment.resize,
+                                      "resize": self.job.cfg.augment.resize, **framing,
                                       "ids": list(map(str, self.job.table.iloc[:, 0])),
                                       "paths": list(self.job.table[PATH])})
 
