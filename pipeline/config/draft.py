@@ -57,6 +57,7 @@ class Draft:
     positive_class: Optional[str] = None
     group_column: Optional[str] = None  # a column that looks like groups: offered as a commented line
     use_groups: bool = False  # its name says groups (patient, group, ...): set, with group folds
+    near_groups: int = 0  # near-duplicate groups the data report found inside train (folds.group_near_duplicates)
     n_splits: int = 5
     submission_format: str = "auto"
     source: str = ""  # the command that wrote the file, for the header
@@ -185,6 +186,9 @@ def _folds(out: _Lines, d: Draft) -> None:
     else:
         out.key(1, "strategy", f.strategy, strategy_why.get(d.task, "class balance kept in every fold")
                 + ("; stratified_group with data.group_column" if d.group_column else ""))
+    if d.near_groups and not d.use_groups:
+        out.key(1, "group_near_duplicates", True, f"the data report found {d.near_groups} near-duplicate groups "
+                                                  f"inside train: each stays in one fold")
     out.key(1, "seed", f.seed)
 
 

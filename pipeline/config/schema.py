@@ -82,6 +82,9 @@ class FoldsConfig:
     strategy: str = "stratified"
     seed: int = 42
     n_bins: int = 10  # stratified_regression: quantile bins of the target
+    # train images within a few pHash bits of each other (the data report's near-duplicates) stay in one fold,
+    # joined with data.group_column's groups; stratified and kfold then split groups (stratified_group, group)
+    group_near_duplicates: bool = False
 
     def validate(self, key: str) -> None:
         _check(self.n_splits >= 2, f"{key}.n_splits", f"must be at least 2, got {self.n_splits}")

@@ -293,7 +293,8 @@ def _advice(f: Findings) -> list[str]:
                     "the competition's rules before using them.")
     if f.near_train_groups:
         todo.append("Near-duplicate groups inside train land in different folds unless grouped: an optimistic "
-                    "CV. A group column (data.group_column with folds.strategy: stratified_group) keeps them together.")
+                    "CV. `folds.group_near_duplicates: true` keeps each in one fold (`init` sets it when the train "
+                    "table has no group column it uses), joined with data.group_column's groups where there is one.")
     return ["## What to do", ""] + ([f"- {t}" for t in todo] or ["- Nothing stands out."]) + [""]
 
 

@@ -50,6 +50,32 @@ def describe_targets(spec: TaskSpec) -> str:
             f"(data.positive_class; '{spec.classes[0]}' is negative)")
 
 
+def fold_groups(table: pd.DataFrame, cfg: Config) -> np.ndarray | None:
+    """The group of each row that no fold may split: ``data.group_column``'s value, and with
+    ``folds.group_near_duplicates`` those groups joined (transitively) with the train images' near-
+    duplicate groups (perceptual hashes within ``NEAR_DISTANCE`` bits: the data report's); None
+    without either."""
+    column = table[cfg.data.group_column].astype(str).to_numpy() if cfg.data.group_column else None
+    if not cfg.folds.group_near_duplicates:
+        return column
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from pipeline.data.images import PATH
+    from pipeline.data.scan import near_groups, scan_images
+
+    n = len(table)
+    near = near_groups(scan_images(list(map(str, table[PATH])))["phash"]).to_numpy()
+    near = np.where(near >= 0, near, -1 - np.arange(n))  # an image without a hash is its own group
+    own = np.unique(column if column is not None else np.arange(n), return_inverse=True)[1]
+    _, near_ids = np.unique(near, return_inverse=True)
+    # rows are linked to their own group and to their near-duplicate group: the joined groups are the components
+    rows, labels = np.tile(np.arange(n), 2), np.concatenate([n + own, n + own.max() + 1 + near_ids])
+    size = n + own.max() + 1 + near_ids.max() + 1
+    graph = coo_matrix((np.ones(2 * n), (rows, labels)), shape=(size, size))
+    return connected_components(graph, directed=False)[1][:n]
+
+
 def assign_folds(table: pd.DataFrame, spec: TaskSpec, cfg: Config) -> np.ndarray:
     """Fold index per row of ``table`` (indices only; the table is not modified)."""
     f, n = cfg.folds, len(table)
@@ -60,16 +86,22 @@ def assign_folds(table: pd.DataFrame, spec: TaskSpec, cfg: Config) -> np.ndarray
         strategy = "multilabel_stratified"
     if strategy == "stratified" and spec.task == "regression":
         strategy = "stratified_regression"
-    if strategy in ("group", "stratified_group") and not cfg.data.group_column:
+    if f.group_near_duplicates and strategy not in ("group", "stratified_group"):
+        # the near-duplicate groups are groups: class-stratified folds become stratified_group, the others
+        # (kfold, quantile bins of a regression target, multilabel stratification) group
+        strategy = "stratified_group" if strategy == "stratified" else "group"
+    if strategy in ("group", "stratified_group") and not (cfg.data.group_column or f.group_near_duplicates):
         raise PipelineError(f"folds.strategy '{strategy}' needs data.group_column (a column of the train table)")
     if strategy == "multilabel_stratified" and spec.task != "multilabel":
         raise PipelineError(f"folds.strategy multilabel_stratified needs data.task: multilabel, got {spec.task}")
 
     X = np.zeros((n, 1))
-    groups = table[cfg.data.group_column].to_numpy() if cfg.data.group_column else None
+    groups = fold_groups(table, cfg)
     if strategy in ("group", "stratified_group") and len(np.unique(groups)) < f.n_splits:
-        raise PipelineError(f"group column '{cfg.data.group_column}' has {len(np.unique(groups))} distinct groups, "
-                            f"fewer than folds.n_splits={f.n_splits}; lower folds.n_splits or use another strategy")
+        what = " joined with ".join(([f"group column '{cfg.data.group_column}'"] if cfg.data.group_column else [])
+                                    + (["the near-duplicate groups"] if f.group_near_duplicates else []))
+        raise PipelineError(f"{what} has {len(np.unique(groups))} distinct groups, fewer than "
+                            f"folds.n_splits={f.n_splits}; lower folds.n_splits or use another strategy")
     if strategy == "stratified_regression" and spec.task != "regression":
         raise PipelineError(f"folds.strategy stratified_regression needs data.task: regression, got {spec.task}; "
                             f"use stratified")

@@ -48,8 +48,9 @@ def run_folds(cfg: Config, force: bool = False) -> Path:
         artifacts.write_csv(out, frame)
         artifacts.mark_done([out], digest)
     sizes = np.bincount(fold).tolist()
+    grouped = ", near-duplicate images kept in one fold" if cfg.folds.group_near_duplicates else ""
     print(f"folds: wrote {out} ({len(frame)} rows, {cfg.folds.n_splits} folds of sizes {sizes}, "
-          f"strategy {cfg.folds.strategy}){describe_targets(spec)}")
+          f"strategy {cfg.folds.strategy}{grouped}){describe_targets(spec)}")
     _refresh_data_report(cfg)
     return out
 

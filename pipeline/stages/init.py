@@ -37,7 +37,8 @@ def config_name(data_dir: Path, name: str | None) -> str:
     return safe or "competition"
 
 
-def _draft(comp: Competition, name: str, root: str, size: int, size_why: str, source: str) -> Draft:
+def _draft(comp: Competition, name: str, root: str, size: int, size_why: str, source: str,
+           near_groups: int = 0) -> Draft:
     why = {**comp.why, "backbones.image_size": size_why}
     if len(comp.group_columns) > 1:
         why["data.group_column"] += f" (also: {', '.join(comp.group_columns[1:])})"
@@ -51,7 +52,7 @@ def _draft(comp: Competition, name: str, root: str, size: int, size_why: str, so
                  test_dir=layout.test_dir, sample_submission=layout.sample_submission,
                  positive_class=comp.positive_class, group_column=group, use_groups=use_groups,
                  n_splits=comp.n_splits, submission_format=comp.submission_format, source=source,
-                 why=why)
+                 why=why, near_groups=near_groups)
 
 
 def _models(draft: Draft, cfg, size: int) -> str:
@@ -96,11 +97,11 @@ def run_init(data_dir: str | Path, name: str | None = None, given_words: list[st
     size, size_why = image_size(np.minimum(train_scan["width"], train_scan["height"]).astype(float))
     source = " ".join(["python -m pipeline init", data_dir.as_posix(), *(["--name", name] if given_name else []),
                        *given_words])
-    draft = _draft(comp, name, data_dir.as_posix(), size, size_why, source)
+    findings = find(comp, scan)
+    draft = _draft(comp, name, data_dir.as_posix(), size, size_why, source, len(findings.near_train_groups))
     cfg = config_from_dict(yaml.safe_load(render(draft)))  # the loader's own validation, before anything is written
     report_dir = Paths(cfg).exp_dir
     text = render(dataclasses.replace(draft, report=(report_dir / REPORT_MD).as_posix()))  # one comment more
-    findings = find(comp, scan)
     md, png = write_report(comp, findings, report_dir, name, time.perf_counter() - start)
     _write_new(path, text)
     print(f"init: wrote {path} ({comp.task}; id {comp.id_column}; target {', '.join(comp.target_columns)}; "
@@ -108,6 +109,9 @@ def run_init(data_dir: str | Path, name: str | None = None, given_words: list[st
           f"{time.perf_counter() - start:.1f} s")
     for line in findings.summary():
         print(f"init: report: {line}")
+    if cfg.folds.group_near_duplicates:
+        print(f"init: {len(findings.near_train_groups)} near-duplicate groups inside train: set "
+              f"folds.group_near_duplicates: true, so that no fold splits one (an optimistic CV otherwise)")
     print(f"init: check the metric against the competition's evaluation page, then "
           f"make all CONFIG={path} BUDGET=30 (folds, train, ensemble, leaderboard in 30 minutes)")
     return path
