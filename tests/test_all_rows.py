@@ -129,3 +129,25 @@ def test_a_bundle_carries_the_head_and_predicts_what_predict_does(frozen_run, tm
     assert predict_from_bundle(bundle, str(paths.test_dir), str(paths.sample_submission),
                                str(tmp_path / "bundled.csv"), slug) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "bundled.csv"), pd.read_csv(expected))
+
+
+@pytest.mark.parametrize("task, metric", [("binary", "roc_auc"), ("regression", "rmse"), ("multilabel", "f1")])
+def test_every_task_gets_the_all_rows_head_and_predict_agrees(make_config, tmp_path, one_torch_thread, task, metric):
+    """The head's task spec travels with it: a regression head predicts in the target's units
+    (standardised with all rows' mean and std), a multilabel one through sigmoids."""
+    from conftest import write_dataset
+
+    from pipeline.data.images import PATH
+    from pipeline.data.tables import read_test_table
+
+    cfg = make_config(*FROZEN, f"metric={metric}", data=write_dataset(tmp_path / task, task, n_train=48, n_test=10))
+    run_folds(cfg)
+    run_train(cfg)
+    bcfg, paths = cfg.backbones[0], Paths(cfg)
+    assert artifacts.read_json(paths.cv_json(bcfg.slug))["test_from"].startswith("one linear probe on all 48")
+    test = _csv(paths.test_csv(bcfg.slug))
+    pred = [c for c in test.columns if c.startswith("pred")]
+    preds, _ = predict_model(cfg, bcfg.slug, list(read_test_table(cfg)[PATH]))
+    np.testing.assert_allclose(preds.reshape(len(test), -1), test[pred].to_numpy(), atol=1e-4)
+    if task == "regression":  # in the digits' units (0..9), not standardised ones
+        assert 0 < test["pred"].mean() < 9 and test["pred"].std() > 0.1
