@@ -65,11 +65,8 @@ def test_predict_applies_the_same_head_once_on_fold_0s_backbone(frozen_run, caps
     cfg = frozen_run
     bcfg, paths = cfg.backbones[0], Paths(cfg)
     test = _csv(paths.test_csv(bcfg.slug))
-    from pipeline.data.images import PATH
-    from pipeline.data.tables import read_test_table
-
     capsys.readouterr()
-    preds, _ = predict_model(cfg, bcfg.slug, list(read_test_table(cfg)[PATH]))
+    preds, _ = predict_model(cfg, bcfg.slug, _test_paths(cfg))
     assert "all-rows probe on fold 0's backbone" in capsys.readouterr().out
     pred = [c for c in test.columns if c.startswith("pred")]
     np.testing.assert_allclose(preds.reshape(len(test), -1), test[pred].to_numpy(), atol=1e-4)
@@ -137,9 +134,6 @@ def test_every_task_gets_the_all_rows_head_and_predict_agrees(make_config, tmp_p
     (standardised with all rows' mean and std), a multilabel one through sigmoids."""
     from conftest import write_dataset
 
-    from pipeline.data.images import PATH
-    from pipeline.data.tables import read_test_table
-
     cfg = make_config(*FROZEN, f"metric={metric}", data=write_dataset(tmp_path / task, task, n_train=48, n_test=10))
     run_folds(cfg)
     run_train(cfg)
@@ -147,7 +141,7 @@ def test_every_task_gets_the_all_rows_head_and_predict_agrees(make_config, tmp_p
     assert artifacts.read_json(paths.cv_json(bcfg.slug))["test_from"].startswith("one linear probe on all 48")
     test = _csv(paths.test_csv(bcfg.slug))
     pred = [c for c in test.columns if c.startswith("pred")]
-    preds, _ = predict_model(cfg, bcfg.slug, list(read_test_table(cfg)[PATH]))
+    preds, _ = predict_model(cfg, bcfg.slug, _test_paths(cfg))
     np.testing.assert_allclose(preds.reshape(len(test), -1), test[pred].to_numpy(), atol=1e-4)
     if task == "regression":  # in the digits' units (0..9), not standardised ones
         assert 0 < test["pred"].mean() < 9 and test["pred"].std() > 0.1

@@ -285,9 +285,9 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def data_config(model: nn.Module, bcfg: BackboneConfig, crop_pct: float | None = None) -> dict:
+def data_config(model: nn.Module, bcfg: BackboneConfig, crop_pct: float | None = 1.0) -> dict:
     """timm's preprocessing for the model, with ``image_size`` overridden when configured, and the
-    framing ``crop_pct`` (``augment.crop_pct``; None: the model's pretrained config's, else 1)."""
+    framing ``crop_pct`` (``augment.crop_pct``: 1 the whole image; None the model's pretrained config's)."""
     cfg = timm.data.resolve_model_data_config(model)
     size = bcfg.image_size or cfg["input_size"][-1]
     return {"size": int(size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),

@@ -157,15 +157,13 @@ def predict_model(cfg: Config, model_id: str, image_paths: list[str]) -> tuple[n
         spec = dataclasses.replace(folds[0].spec, target_mean=0.0, target_std=1.0)
         wanted = cfg.variant(entry)[0].train.all_rows_probe and all_rows.applies(folds[0].cfg, switch=False)
         head = all_rows.saved_head(Paths(cfg).backbone_dir(entry.slug)) if wanted else None
-        if head is not None:  # a frozen-only model: its probe on all train rows (train.all_rows_probe)
-            print(f"predict: {entry.slug} all-rows probe on fold 0's backbone: {len(image_paths)} images x "
-                  f"{len(folds[0].cfg.augment.tta)} views")
-            per_member.append(folds[0].predict(image_paths, head))
-            continue
+        # a frozen-only model: its probe on all train rows (train.all_rows_probe) on fold 0's backbone, once
+        units = ([("all-rows probe on fold 0's backbone", folds[0])] if head is not None
+                 else [(f"fold {k}", ckpt) for k, ckpt in enumerate(folds)])
         preds = []
-        for k, ckpt in enumerate(folds):
-            print(f"predict: {entry.slug} fold {k}: {len(image_paths)} images x {len(ckpt.cfg.augment.tta)} views")
-            preds.append(ckpt.predict(image_paths))
+        for what, ckpt in units:
+            print(f"predict: {entry.slug} {what}: {len(image_paths)} images x {len(ckpt.cfg.augment.tta)} views")
+            preds.append(ckpt.predict(image_paths, head))
         per_member.append(np.mean(preds, axis=0))
     return np.mean(per_member, axis=0), spec
 
